@@ -1,0 +1,244 @@
+"""The one typed run config: sections, field docs, loading with dotted overrides, and validation.
+
+Validation collects every problem (pydantic's and the cross-field checks below) and raises once with a
+`ConfigError` whose lines name the field path; the CLI turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(Exception):
+    """Bad user input: one or more `field: reason` problems, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    path: str = Field("", description="Local Hugging Face model directory or hub id.")
+    task: Literal["causal_lm", "sequence_classification"] = Field(
+        "causal_lm", description="causal_lm: next-token loss; sequence_classification: encoder + new head."
+    )
+    num_labels: int = Field(2, ge=2, description="Classes, for sequence_classification.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Dtype the (non-quantised) weights are loaded in."
+    )
+    trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
+    tokenizer: str | None = Field(None, description="Tokenizer directory or id; defaults to model.path.")
+
+
+class LoraSettings(_Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: str | list[str] = Field(
+        "all-linear", description="'all-linear' or a list of module-name suffixes."
+    )
+
+
+class QLoraSettings(_Section):
+    quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type of the frozen base.")
+    double_quant: bool = Field(True, description="Quantise the quantisation constants too.")
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "bfloat16", description="Dtype 4-bit weights are dequantised to for matmuls."
+    )
+
+
+class MethodConfig(_Section):
+    kind: Literal["full", "lora", "qlora"] = Field("lora", description="What is trained.")
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: QLoraSettings = Field(default_factory=QLoraSettings)
+
+
+DataFormat = Literal["chat", "alpaca", "completion", "text", "classification"]
+
+
+class DataConfig(_Section):
+    train: str | list[str] = Field("", description="Training file(s): JSONL, JSON, CSV or Parquet.")
+    eval: str | list[str] | None = Field(None, description="Optional held-out file(s).")
+    eval_fraction: float = Field(0.0, ge=0, lt=1, description="Split this share of train off as eval.")
+    format: DataFormat = Field("chat", description="How rows are rendered into tokens.")
+    max_seq_len: int = Field(512, ge=8, description="Rows are truncated (or packed) to this many tokens.")
+    packing: bool = Field(False, description="Pack samples into full rows (no cross-sample attention).")
+    mask_prompt: bool = Field(True, description="Only answer tokens carry loss.")
+
+
+class TrainConfig(_Section):
+    seed: int = Field(0, description="Seeds the data order, init of new layers, dropout.")
+    max_steps: int | None = Field(100, ge=1, description="Optimizer steps; wins over epochs when both set.")
+    epochs: float | None = Field(None, gt=0, description="Epochs over train, used when max_steps is unset.")
+    micro_batch_size: int = Field(4, ge=1, description="Rows per rank per forward pass.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    optimizer: Literal["adamw", "adamw_8bit", "sgd"] = Field("adamw", description="Optimizer.")
+    lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
+    max_grad_norm: float | None = Field(1.0, description="Clip the global grad norm; null: no clipping.")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute precision.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations (non-reentrant).")
+    eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
+    eval_batches: int | None = Field(None, ge=1, description="Cap on eval batches per evaluation.")
+
+
+class DistributedConfig(_Section):
+    strategy: Literal["auto", "single", "ddp", "fsdp", "deepspeed"] = Field(
+        "auto", description="auto: single for one process, else what the launcher asked, else ddp."
+    )
+    timeout_minutes: float = Field(30, gt=0, description="Collective timeout.")
+
+
+class CheckpointConfig(_Section):
+    every_steps: int = Field(0, ge=0, description="Save every N steps (0: off).")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept.")
+    resume: str = Field("auto", description="auto | never | PATH of a checkpoint directory.")
+
+
+class WandbConfig(_Section):
+    enabled: bool = Field(False, description="Log to Weights & Biases (rank 0).")
+    project: str = Field("ftl", description="W&B project.")
+    entity: str | None = Field(None, description="W&B entity (team or user).")
+    name: str | None = Field(None, description="Run name; defaults to the output_dir name.")
+    mode: Literal["online", "offline", "disabled"] = Field("offline", description="W&B mode.")
+
+
+class LoggingConfig(_Section):
+    every_steps: int = Field(1, ge=1, description="Write a metrics row every N steps.")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class Config(_Section):
+    """A whole run. Defaults < YAML file < dotted CLI overrides."""
+
+    output_dir: str = Field("runs/run", description="Run directory: config, metrics, checkpoints, final.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+
+    def to_yaml(self) -> str:
+        """The resolved config as YAML (it holds no secrets: keys come from the environment)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
+    """Set `a.b.c=value` pairs into `raw` (value parsed as YAML). Returns problems found."""
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override '{item}': expected dotted.key=value")
+            continue
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    return problems
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping; problems name the file (and line for syntax errors)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"config: file not found: {p}"])
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError([f"config: {p}{where}: invalid YAML ({getattr(exc, 'problem', exc)})"]) from None
+    if not isinstance(raw, dict):
+        raise ConfigError([f"config: {p}: the top level must be a mapping"])
+    return raw
+
+
+def _pydantic_problems(err: ValidationError) -> list[str]:
+    out = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-", "literal[")))
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg += " (check the spelling; `ftl validate` prints every known key's default)"
+        out.append(f"{loc}: {msg}")
+    return out
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    """Load, override, type-check and cross-check a config; raise ConfigError with every problem."""
+    raw = read_yaml(path) if path is not None else {}
+    problems = apply_overrides(raw, overrides or [])
+    if isinstance(raw.get("method"), dict):
+        problems += qlora_problems(raw["method"])
+    try:
+        cfg = Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(problems + _pydantic_problems(err)) from None
+    problems += cross_field_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def cross_field_problems(cfg: Config) -> list[str]:
+    """Combinations that are each valid alone but impossible together."""
+    p: list[str] = []
+    if not cfg.model.path:
+        p.append("model.path: required (a local Hugging Face model directory or hub id)")
+    if not cfg.data.train:
+        p.append("data.train: required (a JSONL/JSON/CSV/Parquet file or a list of them)")
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
+        p.append("train.max_steps / train.epochs: set at least one (both are unset)")
+    if cfg.train.precision == "fp16" and not _cuda_available():
+        p.append("train.precision: fp16 needs a CUDA GPU (loss scaling); use fp32 or bf16 on CPU")
+    if cfg.data.packing and cfg.data.format == "classification":
+        p.append("data.packing: cannot pack with data.format=classification (one label per row)")
+    is_cls_task = cfg.model.task == "sequence_classification"
+    if is_cls_task != (cfg.data.format == "classification"):
+        p.append(
+            f"data.format: '{cfg.data.format}' does not fit model.task='{cfg.model.task}' "
+            "(classification data goes with sequence_classification, and only with it)"
+        )
+    if cfg.data.eval and cfg.data.eval_fraction > 0:
+        p.append("data.eval_fraction: set either data.eval or data.eval_fraction, not both")
+    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
+        p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
+    return p
+
+
+def qlora_problems(raw_method: dict[str, Any]) -> list[str]:
+    """QLoRA settings given while method.kind is full are a contradiction worth naming."""
+    if raw_method.get("kind") == "full" and "qlora" in raw_method:
+        return ["method.qlora: settings given but method.kind is 'full' (QLoRA trains adapters only)"]
+    return []
+
+
+def _cuda_available() -> bool:
+    if os.environ.get("FTL_ASSUME_CUDA") == "1":
+        return True
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()

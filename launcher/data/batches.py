@@ -1,0 +1,93 @@
+"""The seeded global-batch sampler and the collator.
+
+One seeded permutation per epoch is cut into global batches of micro_batch_size × grad_accum × world
+samples; global batch k is split across ranks and micro-steps. So the samples of step k are the same
+whatever the world size or grad_accum, and jumping to step k is O(1) (no dataloader replay).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from launcher.data.formats import IGNORE
+from launcher.data.tokenized import Samples
+
+
+@dataclass(frozen=True)
+class GlobalBatchSampler:
+    """Which sample ids each rank's micro-batches hold at a given optimizer step."""
+
+    num_samples: int
+    micro_batch_size: int
+    grad_accum: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_samples // self.global_batch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def global_ids(self, step: int) -> np.ndarray:
+        """Sample ids of global batch `step` (0-based), in a fixed order."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        return perm[k * self.global_batch : (k + 1) * self.global_batch]
+
+    def micro_batches(self, step: int, rank: int) -> list[np.ndarray]:
+        """This rank's grad_accum micro-batches of step `step`."""
+        ids = self.global_ids(step)
+        b, w = self.micro_batch_size, self.world_size
+        return [ids[(m * w + rank) * b : (m * w + rank + 1) * b] for m in range(self.grad_accum)]
+
+
+def collate(samples: Samples, ids: np.ndarray | list[int], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad the chosen samples into a batch. Packed rows get a block-diagonal causal 4D mask."""
+    ids = [int(i) for i in ids]
+    seqs = [samples.input_ids[i] for i in ids]
+    length = max(len(s) for s in seqs)
+    batch = torch.full((len(ids), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), length), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        batch[row, : len(s)] = torch.from_numpy(s)
+        mask[row, : len(s)] = 1
+    out = {"input_ids": batch, "attention_mask": mask}
+    if samples.labels is not None:
+        labels = torch.full((len(ids), length), IGNORE, dtype=torch.long)
+        for row, i in enumerate(ids):
+            labels[row, : len(samples.labels[i])] = torch.from_numpy(samples.labels[i])
+        out["labels"] = labels
+    if samples.class_labels is not None:
+        out["class_labels"] = torch.from_numpy(samples.class_labels[ids])
+    if samples.seq_ids is not None:
+        out.update(_packed_inputs(samples, ids, length))
+    return out
+
+
+def _packed_inputs(samples: Samples, ids: list[int], length: int) -> dict[str, torch.Tensor]:
+    pos = torch.zeros((len(ids), length), dtype=torch.long)
+    seq = torch.full((len(ids), length), -1, dtype=torch.long)
+    for row, i in enumerate(ids):
+        n = len(samples.input_ids[i])
+        pos[row, :n] = torch.from_numpy(samples.position_ids[i])
+        seq[row, :n] = torch.from_numpy(samples.seq_ids[i])
+    same = seq[:, :, None] == seq[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool).tril()
+    allowed = (same & causal) | torch.eye(length, dtype=torch.bool)  # padding attends to itself: no NaN
+    return {"position_ids": pos, "attention_mask": allowed[:, None, :, :]}
+
+
+def label_token_count(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens (or rows, for classification) that carry loss in a batch."""
+    if "labels" in batch:
+        return int((batch["labels"][:, 1:] != IGNORE).sum())
+    return int(batch["class_labels"].numel())

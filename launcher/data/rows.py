@@ -1,0 +1,140 @@
+"""Read raw rows from local files and check each row has the fields its format needs.
+
+Every problem names the file and (for JSONL) the line, so a user can jump straight to it.
+JSONL and JSON are parsed here (for line numbers); CSV and Parquet go through pyarrow.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+from launcher.config import ConfigError
+
+REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
+    "chat": ("messages",),
+    "alpaca": ("instruction", "output"),
+    "completion": ("prompt", "completion"),
+    "text": ("text",),
+    "classification": ("text", "label"),
+}
+
+Row = dict[str, Any]
+
+
+def read_rows(path: str, field: str) -> list[Row]:
+    """All rows of one file; `field` (e.g. 'data.train') prefixes every problem."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError([f"{field}: file not found: {p}"])
+    suffix = p.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        return _read_jsonl(p, field)
+    if suffix == ".json":
+        return _read_json(p, field)
+    if suffix == ".csv":
+        with p.open(newline="") as f:
+            return list(csv.DictReader(f))
+    if suffix in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(p).to_pylist()
+    raise ConfigError([f"{field}: {p}: unsupported file type '{suffix}' (use .jsonl, .json, .csv, .parquet)"])
+
+
+def _read_jsonl(p: Path, field: str) -> list[Row]:
+    rows, problems = [], []
+    with p.open() as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append(f"{field}: {p} line {lineno}: malformed JSON ({exc.msg})")
+                continue
+            if not isinstance(obj, dict):
+                problems.append(f"{field}: {p} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                continue
+            obj["_line"] = lineno
+            rows.append(obj)
+    if problems:
+        raise ConfigError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+    return rows
+
+
+def _read_json(p: Path, field: str) -> list[Row]:
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError([f"{field}: {p} line {exc.lineno}: malformed JSON ({exc.msg})"]) from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise ConfigError([f"{field}: {p}: expected a list of JSON objects (or {{'data': [...]}})"])
+    return data
+
+
+def _where(p: str, row: Row, index: int) -> str:
+    return f"{p} line {row['_line']}" if "_line" in row else f"{p} row {index + 1}"
+
+
+def check_rows(rows: list[Row], fmt: str, path: str, field: str, num_labels: int = 2) -> list[str]:
+    """Problems with rows' fields for `fmt` (at most 20 are listed)."""
+    problems = []
+    need = REQUIRED_FIELDS[fmt]
+    for i, row in enumerate(rows):
+        missing = [k for k in need if row.get(k) in (None, "")]
+        if missing:
+            problems.append(f"{field}: {_where(path, row, i)}: missing field(s) {', '.join(missing)} "
+                            f"(format '{fmt}' needs {', '.join(need)})")
+        elif fmt == "chat":
+            problems += _check_messages(row["messages"], f"{field}: {_where(path, row, i)}")
+        elif fmt == "classification":
+            problems += _check_label(row["label"], num_labels, f"{field}: {_where(path, row, i)}")
+        if len(problems) >= 20:
+            problems.append("... (stopping after 20 problems)")
+            break
+    return problems
+
+
+def _check_messages(messages: Any, where: str) -> list[str]:
+    if not isinstance(messages, list) or not messages:
+        return [f"{where}: 'messages' must be a non-empty list of {{role, content}}"]
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return [f"{where}: messages[{j}] needs 'role' and 'content'"]
+    if not any(m["role"] == "assistant" for m in messages):
+        return [f"{where}: no assistant message (nothing to learn from)"]
+    return []
+
+
+def _check_label(label: Any, num_labels: int, where: str) -> list[str]:
+    try:
+        value = int(label)
+    except (TypeError, ValueError):
+        return [f"{where}: label '{label}' is not an integer"]
+    if not 0 <= value < num_labels:
+        return [f"{where}: label {value} outside [0, model.num_labels={num_labels})"]
+    return []
+
+
+def load_split(paths: str | list[str], fmt: str, field: str, num_labels: int = 2) -> list[Row]:
+    """Read and check every file of one split; raise once with all problems."""
+    rows: list[Row] = []
+    problems: list[str] = []
+    for path in [paths] if isinstance(paths, str) else paths:
+        try:
+            file_rows = read_rows(path, field)
+        except ConfigError as err:
+            problems += err.problems
+            continue
+        problems += check_rows(file_rows, fmt, path, field, num_labels)
+        rows += file_rows
+    if problems:
+        raise ConfigError(problems)
+    if not rows:
+        raise ConfigError([f"{field}: no rows in {paths}"])
+    return rows

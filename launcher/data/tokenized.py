@@ -1,0 +1,149 @@
+"""Tokenise a split once, cache it on disk (keyed by content), and pack rows when asked.
+
+The cache is a plain .npz (flat token arrays + offsets, loaded with allow_pickle=False), written to a
+temporary name and renamed, so a crash never leaves a half-written cache that a later run trusts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from launcher.data.formats import IGNORE, encode_causal, encode_classification, leading_special_ids
+
+CACHE_VERSION = "1"
+
+
+@dataclass
+class Samples:
+    """Tokenised samples of one split: ragged token lists, labels, and (packed) position/sequence ids."""
+
+    input_ids: list[np.ndarray]
+    labels: list[np.ndarray] | None = None  # causal: per-token labels
+    class_labels: np.ndarray | None = None  # classification: one label per row
+    position_ids: list[np.ndarray] | None = None  # packed rows only
+    seq_ids: list[np.ndarray] | None = None  # packed rows only: which sample each token belongs to
+    dropped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def num_label_tokens(self) -> int:
+        if self.labels is None:
+            return len(self)
+        return int(sum((lab[1:] != IGNORE).sum() for lab in self.labels))
+
+
+def cache_dir() -> Path:
+    """Where tokenised splits are cached ($FTL_CACHE_DIR, else ~/.cache/ftl/tokenized)."""
+    return Path(os.environ.get("FTL_CACHE_DIR", Path.home() / ".cache" / "ftl")) / "tokenized"
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(str(getattr(tokenizer, "chat_template", "")).encode())
+    h.update(f"{tokenizer.eos_token}|{tokenizer.bos_token}".encode())
+    return h.hexdigest()
+
+
+def cache_key(rows: list[dict], tokenizer: Any, settings: dict[str, Any]) -> str:
+    h = hashlib.sha256(CACHE_VERSION.encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    h.update(tokenizer_fingerprint(tokenizer).encode())
+    for row in rows:
+        h.update(json.dumps({k: v for k, v in row.items() if k != "_line"}, sort_keys=True).encode())
+    return h.hexdigest()[:24]
+
+
+def tokenize_rows(rows: list[dict], fmt: str, tokenizer: Any, max_len: int, mask_prompt: bool) -> Samples:
+    """Tokenise every row; causal rows with nothing trainable left are dropped (and counted)."""
+    if fmt == "classification":
+        enc = [encode_classification(r, tokenizer, max_len) for r in rows]
+        return Samples(
+            input_ids=[np.asarray(e["input_ids"], dtype=np.int64) for e in enc],
+            class_labels=np.asarray([e["label"] for e in enc], dtype=np.int64),
+        )
+    prefix = leading_special_ids(tokenizer)
+    ids, labels, dropped = [], [], 0
+    for row in rows:
+        e = encode_causal(row, fmt, tokenizer, max_len, mask_prompt, prefix)
+        if e is None:
+            dropped += 1
+            continue
+        ids.append(np.asarray(e["input_ids"], dtype=np.int64))
+        labels.append(np.asarray(e["labels"], dtype=np.int64))
+    return Samples(input_ids=ids, labels=labels, dropped=dropped)
+
+
+def _flat(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.cumsum([0] + [len(a) for a in arrays]).astype(np.int64)
+    flat = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    return flat, offsets
+
+
+def _split(flat: np.ndarray, offsets: np.ndarray) -> list[np.ndarray]:
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+
+
+def save_samples(samples: Samples, path: Path) -> None:
+    """Write atomically: temp file, then rename."""
+    arrays: dict[str, np.ndarray] = {"dropped": np.asarray(samples.dropped)}
+    arrays["ids"], arrays["offsets"] = _flat(samples.input_ids)
+    if samples.labels is not None:
+        arrays["labels"], _ = _flat(samples.labels)
+    if samples.class_labels is not None:
+        arrays["class_labels"] = samples.class_labels
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        np.savez(f, **arrays)
+    os.replace(tmp, path)
+
+
+def load_samples(path: Path) -> Samples:
+    with np.load(path, allow_pickle=False) as z:
+        offsets = z["offsets"]
+        return Samples(
+            input_ids=_split(z["ids"], offsets),
+            labels=_split(z["labels"], offsets) if "labels" in z else None,
+            class_labels=z["class_labels"] if "class_labels" in z else None,
+            dropped=int(z["dropped"]),
+        )
+
+
+def pack(samples: Samples, max_len: int, seed: int) -> Samples:
+    """Greedy-pack shuffled samples into rows of at most max_len tokens.
+
+    Each sample keeps its own positions (reset to 0) and a sequence id; the collator turns sequence ids
+    into a block-diagonal causal mask, so no token attends across samples. The first label of every
+    sample is masked: in the unpacked row nothing predicts a sample's first token either.
+    """
+    order = np.random.default_rng(seed).permutation(len(samples))
+    rows: list[list[int]] = [[]]
+    lengths = [0]
+    for i in order:
+        n = len(samples.input_ids[i])
+        if lengths[-1] + n > max_len and rows[-1]:
+            rows.append([])
+            lengths.append(0)
+        rows[-1].append(int(i))
+        lengths[-1] += n
+    out = Samples(input_ids=[], labels=[], position_ids=[], seq_ids=[], dropped=samples.dropped)
+    for members in rows:
+        labs = [samples.labels[i].copy() for i in members]
+        for lab in labs:
+            lab[0] = IGNORE
+        out.input_ids.append(np.concatenate([samples.input_ids[i] for i in members]))
+        out.labels.append(np.concatenate(labs))
+        out.position_ids.append(np.concatenate([np.arange(len(samples.input_ids[i])) for i in members]))
+        out.seq_ids.append(np.concatenate([np.full(len(samples.input_ids[i]), k) for k, i in enumerate(members)]))
+    return out

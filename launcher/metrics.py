@@ -1,0 +1,116 @@
+"""Rank-0 reporting: metrics.jsonl, a progress bar or plain log lines, Weights & Biases, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from launcher.config import Config
+
+
+def log(msg: str) -> None:
+    """One plain, timestamped line on stderr (rank 0 calls it)."""
+    print(f"[ftl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+class MetricsWriter:
+    """Writes each logged step once to metrics.jsonl, the terminal and (optionally) W&B."""
+
+    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, start_step: int = 0):
+        self.path = out_dir / "metrics.jsonl"
+        self.cfg = cfg
+        self.total = total_steps
+        self.bar = None
+        self.wandb_run = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+        if cfg.logging.wandb.enabled:
+            self.wandb_run = start_wandb(cfg, out_dir)
+
+    def write(self, row: dict[str, Any]) -> None:
+        """Append one row (training step or eval) and show it."""
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+        if "loss" in row:
+            self._show_step(row)
+        else:
+            self._say(" ".join(f"{k}={_fmt(v)}" for k, v in row.items()))
+
+    def _show_step(self, row: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = row["step"]
+            self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            return
+        eta = (self.total - row["step"]) * row.get("step_time", 0.0)
+        log(f"step {row['step']}/{self.total} loss={row['loss']:.4f} lr={row['lr']:.2e} "
+            f"grad_norm={row['grad_norm']:.3f} tokens/s={row['tokens_per_s']:.0f} eta={eta:.0f}s")
+
+    def _say(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            log(msg)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def start_wandb(cfg: Config, out_dir: Path) -> Any:
+    """Open the run's W&B run (one id per output_dir, kept in wandb_id.txt so restarts continue it)."""
+    import wandb
+
+    w = cfg.logging.wandb
+    id_file = out_dir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    id_file.write_text(run_id)
+    return wandb.init(
+        project=w.project, entity=w.entity, name=w.name or out_dir.name, mode=w.mode, id=run_id,
+        resume="allow", dir=str(out_dir), config=cfg.model_dump(mode="json"),
+    )
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_losses(metrics_path: Path, png: Path) -> None:
+    """Training (and eval) loss against step."""
+    rows = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,111 @@
+"""Load a Hugging Face model and tokenizer, quantise the base (QLoRA), attach LoRA, set up checkpointing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.config import Config
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(cfg: Config) -> Any:
+    """The tokenizer, with a pad token (EOS when it has none); right padding for training."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(
+        cfg.model.tokenizer or cfg.model.path, trust_remote_code=cfg.model.trust_remote_code
+    )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(cfg: Config, quant_storage: torch.dtype | None = None) -> Any:
+    """bitsandbytes 4-bit settings for QLoRA. Sharded strategies pass a float quant_storage."""
+    from transformers import BitsAndBytesConfig
+
+    q = cfg.method.qlora
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=DTYPES[q.compute_dtype],
+        bnb_4bit_quant_storage=quant_storage or torch.uint8,
+    )
+
+
+def load_base_model(cfg: Config, quantize: bool, device: torch.device,
+                    quant_storage: torch.dtype | None = None) -> nn.Module:
+    """The pre-trained model (4-bit when quantize) for the configured task."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code}
+    if cfg.model.task == "sequence_classification":
+        cls = AutoModelForSequenceClassification
+        kwargs["num_labels"] = cfg.model.num_labels
+    else:
+        cls = AutoModelForCausalLM
+        kwargs["attn_implementation"] = "sdpa"
+    if quantize:
+        kwargs["quantization_config"] = quantization_config(cfg, quant_storage)
+        kwargs["device_map"] = {"": device}
+    model = cls.from_pretrained(cfg.model.path, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    return model
+
+
+def lora_config(cfg: Config) -> Any:
+    from peft import LoraConfig, TaskType
+
+    lc = cfg.method.lora
+    task = TaskType.SEQ_CLS if cfg.model.task == "sequence_classification" else TaskType.CAUSAL_LM
+    return LoraConfig(
+        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
+        task_type=task, bias="none",
+    )
+
+
+def build_model(cfg: Config, device: torch.device, quant_storage: torch.dtype | None = None) -> nn.Module:
+    """Base model + method (full / LoRA / QLoRA) + gradient checkpointing, ready to train."""
+    kind = cfg.method.kind
+    torch.manual_seed(cfg.train.seed)  # new heads and LoRA init are seeded
+    model = load_base_model(cfg, quantize=kind == "qlora", device=device, quant_storage=quant_storage)
+    gc = cfg.train.gradient_checkpointing
+    if kind == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if kind == "lora":
+            model.enable_input_require_grads()
+    if kind in ("lora", "qlora"):
+        from peft import get_peft_model
+
+        torch.manual_seed(cfg.train.seed)
+        model = get_peft_model(model, lora_config(cfg))
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False
+    return model.to(device) if kind != "qlora" else model
+
+
+def param_counts(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts as stored (4-bit weights count their packed elements × 2)."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total

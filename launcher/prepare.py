@@ -1,0 +1,86 @@
+"""Everything checked and prepared before a process group starts or a model loads.
+
+- The run directory: a directory that belongs to a run with a different meaning is never reused silently.
+- The data: rows read and checked, then tokenised once under a file lock (the first rank builds the
+  cache, the others wait on the lock and reuse it), so slow preprocessing never trips a collective timeout.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launcher.config import Config, ConfigError
+from launcher.data import DataSplits, read_splits
+from launcher.data import finish_split as _finish
+from launcher.data import tokenize_split as _tokenize
+from launcher.data.tokenized import cache_dir
+from launcher.dist import env_world
+
+# Fields that may change between runs in one output_dir without changing what the run means.
+HARMLESS_PREFIXES = (
+    "output_dir", "logging.", "checkpoint.", "train.max_steps", "train.epochs", "train.eval_every",
+    "train.eval_batches", "distributed.timeout_minutes",
+)
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def meaningful_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted fields whose values differ and that change what the run means."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(HARMLESS_PREFIXES)]
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create OUTPUT_DIR; refuse one that holds a run of a different config; write config.yaml (rank 0)."""
+    out = Path(cfg.output_dir)
+    saved = out / "config.yaml"
+    new = cfg.model_dump(mode="json")
+    if saved.exists():
+        old = yaml.safe_load(saved.read_text()) or {}
+        changed = meaningful_changes(old, new)
+        if changed:
+            raise ConfigError([
+                f"output_dir: {out} holds a run with a different config ({', '.join(changed[:8])} differ). "
+                "Use a new output_dir, or delete that directory if you mean to discard it."
+            ])
+    rank, _, _ = env_world()
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / ".config.yaml.tmp"
+        tmp.write_text(cfg.to_yaml())
+        os.replace(tmp, saved)
+    return out
+
+
+def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
+    """Read, check, tokenise (cached, once per machine) and pack both splits."""
+    raw = read_splits(cfg)
+    lock_path = cache_dir() / ".lock"
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        train = _tokenize(raw.train, cfg, tokenizer, "data.train", build=True)
+        evals = _tokenize(raw.eval, cfg, tokenizer, "data.eval", build=True) if raw.eval else None
+    return DataSplits(train=_finish(train, cfg, training=True),
+                      eval=_finish(evals, cfg, training=False) if evals is not None else None)
+
+
+def check_inputs(cfg: Config) -> None:
+    """The cheap checks `ftl validate` runs: data files and rows (no tokenizer, no model)."""
+    read_splits(cfg)

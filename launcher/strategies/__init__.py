@@ -1,0 +1,30 @@
+"""Sharding strategies behind one interface. `make_strategy` is the only place that picks one."""
+
+from __future__ import annotations
+
+from launcher.config import Config, ConfigError
+from launcher.dist import DistEnv
+from launcher.strategies.base import Strategy
+
+
+def resolve_strategy_name(cfg: Config, world_size: int) -> str:
+    """auto → single for one process, else ddp. (Launcher hints are added by the distributed issue.)"""
+    name = cfg.distributed.strategy
+    if name == "auto":
+        return "single" if world_size == 1 else "ddp"
+    if name == "single" and world_size > 1:
+        raise ConfigError([f"distributed.strategy: 'single' but the launcher started {world_size} ranks"])
+    return name
+
+
+def make_strategy(cfg: Config, env: DistEnv) -> Strategy:
+    name = resolve_strategy_name(cfg, env.world_size)
+    if name == "single":
+        from launcher.strategies.single import SingleStrategy
+
+        return SingleStrategy(cfg, env)
+    if name == "ddp":
+        from launcher.strategies.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, env)
+    raise ConfigError([f"distributed.strategy: '{name}' is not available yet in this build"])

@@ -1,0 +1,100 @@
+"""The one small interface every sharding strategy implements; the training loop only talks to this.
+
+A strategy owns the wrapped model and the optimizer: it wraps, runs backward, steps (with clipping and the
+grad norm), skips gradient sync between accumulation micro-steps, and hands back a full state dict for
+export. Checkpoint save/load hooks live here too, so the checkpoint manager never asks which one it is.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.config import Config
+from launcher.dist import DistEnv
+
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+
+
+class Strategy(ABC):
+    """Wrap, backward, step, no-sync, state hooks, full-state gather."""
+
+    name: str = "base"
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler: torch.amp.GradScaler | None = None
+
+    @abstractmethod
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
+        """Wrap the model for this strategy and build its optimizer over the trainable parameters."""
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The model without the strategy's wrapper (PEFT wrappers stay)."""
+        return self.model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Mixed-precision context for forward passes (fp32: none)."""
+        precision = self.cfg.train.precision
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+        return torch.autocast(device_type=self.env.device.type, dtype=dtype)
+
+    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Skip gradient sync on all but the last accumulation micro-step (where it matters)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, max_grad_norm: float | None) -> float:
+        """Unscale, clip, step, zero grads; returns the global grad norm before clipping."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def local_numel(self) -> tuple[int, int]:
+        """(parameter elements held by this rank, optimizer-state elements held by this rank)."""
+        params = sum(_local(p).numel() for p in self.model.parameters())
+        state = sum(_local(t).numel() for s in self.optimizer.state.values() for t in s.values()
+                    if torch.is_tensor(t) and t.dim() > 0)
+        return params, state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter gathered in full on rank 0 (empty on other ranks), for export."""
+        return {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()} if self.env.is_main else {}
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Write the final model (PEFT: the adapter only) as a Hugging Face directory, from rank 0."""
+        if self.env.is_main:
+            self.unwrapped.save_pretrained(directory, safe_serialization=True)
+
+    def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
+        return ((n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad)
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name}
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The shard a rank holds for a DTensor, else the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
