@@ -17,7 +17,9 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ftl", description="Fine-tune LLMs: full, LoRA, QLoRA; DDP/FSDP/DeepSpeed.")
+    p = argparse.ArgumentParser(
+        prog="ftl", description="Fine-tune LLMs: full, LoRA, QLoRA; DDP/FSDP/DeepSpeed."
+    )
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config (joins torchrun/accelerate/srun ranks)")
     t.add_argument("config")
@@ -80,8 +82,15 @@ def spawn_local_ranks(nproc: int, train_args: list[str]) -> int:
     port = str(_free_port())
     procs = []
     for rank in range(nproc):
-        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc),
-                   LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = dict(
+            os.environ,
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+        )
         procs.append(subprocess.Popen([sys.executable, "-m", "launcher", "train", *train_args], env=env))
     codes = [p.wait() for p in procs]
     return max(codes, key=lambda c: (c != 0, abs(c)))

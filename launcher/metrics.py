@@ -49,8 +49,10 @@ class MetricsWriter:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             return
         eta = (self.total - row["step"]) * row.get("step_time", 0.0)
-        log(f"step {row['step']}/{self.total} loss={row['loss']:.4f} lr={row['lr']:.2e} "
-            f"grad_norm={row['grad_norm']:.3f} tokens/s={row['tokens_per_s']:.0f} eta={eta:.0f}s")
+        log(
+            f"step {row['step']}/{self.total} loss={row['loss']:.4f} lr={row['lr']:.2e} "
+            f"grad_norm={row['grad_norm']:.3f} tokens/s={row['tokens_per_s']:.0f} eta={eta:.0f}s"
+        )
 
     def _say(self, msg: str) -> None:
         if self.bar is not None:
@@ -79,8 +81,14 @@ def start_wandb(cfg: Config, out_dir: Path) -> Any:
     run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
     id_file.write_text(run_id)
     return wandb.init(
-        project=w.project, entity=w.entity, name=w.name or out_dir.name, mode=w.mode, id=run_id,
-        resume="allow", dir=str(out_dir), config=cfg.model_dump(mode="json"),
+        project=w.project,
+        entity=w.entity,
+        name=w.name or out_dir.name,
+        mode=w.mode,
+        id=run_id,
+        resume="allow",
+        dir=str(out_dir),
+        config=cfg.model_dump(mode="json"),
     )
 
 

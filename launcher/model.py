@@ -39,12 +39,16 @@ def quantization_config(cfg: Config, quant_storage: torch.dtype | None = None) -
     )
 
 
-def load_base_model(cfg: Config, quantize: bool, device: torch.device,
-                    quant_storage: torch.dtype | None = None) -> nn.Module:
+def load_base_model(
+    cfg: Config, quantize: bool, device: torch.device, quant_storage: torch.dtype | None = None
+) -> nn.Module:
     """The pre-trained model (4-bit when quantize) for the configured task."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    kwargs: dict[str, Any] = {"dtype": DTYPES[cfg.model.dtype], "trust_remote_code": cfg.model.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": DTYPES[cfg.model.dtype],
+        "trust_remote_code": cfg.model.trust_remote_code,
+    }
     if cfg.model.task == "sequence_classification":
         cls = AutoModelForSequenceClassification
         kwargs["num_labels"] = cfg.model.num_labels
@@ -67,8 +71,12 @@ def lora_config(cfg: Config) -> Any:
     lc = cfg.method.lora
     task = TaskType.SEQ_CLS if cfg.model.task == "sequence_classification" else TaskType.CAUSAL_LM
     return LoraConfig(
-        r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout, target_modules=lc.target_modules,
-        task_type=task, bias="none",
+        r=lc.r,
+        lora_alpha=lc.alpha,
+        lora_dropout=lc.dropout,
+        target_modules=lc.target_modules,
+        task_type=task,
+        bias="none",
     )
 
 

@@ -23,8 +23,14 @@ from launcher.dist import env_world
 
 # Fields that may change between runs in one output_dir without changing what the run means.
 HARMLESS_PREFIXES = (
-    "output_dir", "logging.", "checkpoint.", "train.max_steps", "train.epochs", "train.eval_every",
-    "train.eval_batches", "distributed.timeout_minutes",
+    "output_dir",
+    "logging.",
+    "checkpoint.",
+    "train.max_steps",
+    "train.epochs",
+    "train.eval_every",
+    "train.eval_batches",
+    "distributed.timeout_minutes",
 )
 
 
@@ -55,10 +61,12 @@ def prepare_output_dir(cfg: Config) -> Path:
         old = yaml.safe_load(saved.read_text()) or {}
         changed = meaningful_changes(old, new)
         if changed:
-            raise ConfigError([
-                f"output_dir: {out} holds a run with a different config ({', '.join(changed[:8])} differ). "
-                "Use a new output_dir, or delete that directory if you mean to discard it."
-            ])
+            raise ConfigError(
+                [
+                    f"output_dir: {out} holds a run with a different config ({', '.join(changed[:8])} differ). "
+                    "Use a new output_dir, or delete that directory if you mean to discard it."
+                ]
+            )
     rank, _, _ = env_world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -77,8 +85,10 @@ def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
         fcntl.flock(lock, fcntl.LOCK_EX)
         train = _tokenize(raw.train, cfg, tokenizer, "data.train", build=True)
         evals = _tokenize(raw.eval, cfg, tokenizer, "data.eval", build=True) if raw.eval else None
-    return DataSplits(train=_finish(train, cfg, training=True),
-                      eval=_finish(evals, cfg, training=False) if evals is not None else None)
+    return DataSplits(
+        train=_finish(train, cfg, training=True),
+        eval=_finish(evals, cfg, training=False) if evals is not None else None,
+    )
 
 
 def check_inputs(cfg: Config) -> None:

@@ -21,7 +21,7 @@ from launcher.config import Config
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from launcher.metrics import MetricsWriter, log
-from launcher.model import build_model, load_tokenizer, param_counts
+from launcher.model import load_tokenizer, param_counts
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.prepare import prepare_data, prepare_output_dir
 from launcher.strategies import make_strategy
@@ -62,8 +62,13 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def train_step(strategy: Strategy, micro: list[dict[str, torch.Tensor]], env: DistEnv,
-               max_grad_norm: float | None, local_tokens: int) -> tuple[float, float, int]:
+def train_step(
+    strategy: Strategy,
+    micro: list[dict[str, torch.Tensor]],
+    env: DistEnv,
+    max_grad_norm: float | None,
+    local_tokens: int,
+) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches. Loss is normalised by the GLOBAL label count,
     so N ranks × micro-batches give exactly the gradient of one big batch.
 
@@ -83,7 +88,9 @@ def train_step(strategy: Strategy, micro: list[dict[str, torch.Tensor]], env: Di
 
 
 @torch.no_grad()
-def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pad_id: int) -> dict[str, float]:
+def evaluate(
+    strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pad_id: int
+) -> dict[str, float]:
     """Mean eval loss (and accuracy for classification); every rank runs the same number of batches."""
     model = strategy.model
     model.eval()
@@ -110,18 +117,25 @@ def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pa
     return out
 
 
-def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler,
-                   steps: int) -> None:
+def describe_start(
+    strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler, steps: int
+) -> None:
     trainable, total = param_counts(strategy.unwrapped)
     local_params, local_state = strategy.local_numel()
     if env.is_main:
-        log(f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
-            f"method={cfg.method.kind} device={env.device.type}")
-        log(f"params: total={total:,} trainable={trainable:,} held on rank 0={local_params:,} "
-            f"optimizer state on rank 0={local_state:,}")
-        log(f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
+        log(
+            f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
+            f"method={cfg.method.kind} device={env.device.type}"
+        )
+        log(
+            f"params: total={total:,} trainable={trainable:,} held on rank 0={local_params:,} "
+            f"optimizer state on rank 0={local_state:,}"
+        )
+        log(
+            f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
             f"{env.world_size} ranks = {sampler.global_batch} samples; {sampler.steps_per_epoch} steps/epoch; "
-            f"{steps} steps")
+            f"{steps} steps"
+        )
 
 
 def run_training(cfg: Config) -> Path:
@@ -139,14 +153,18 @@ def run_training(cfg: Config) -> Path:
 def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer) -> Path:
     t = cfg.train
     strategy = make_strategy(cfg, env)
-    model = build_model(cfg, env.device)
+    model = strategy.build_model()
     strategy.setup(model, functools.partial(build_optimizer, t))
     sampler = GlobalBatchSampler(len(data.train), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
     if sampler.steps_per_epoch == 0:
         from launcher.config import ConfigError
 
-        raise ConfigError([f"data.train: {len(data.train)} samples is less than one global batch "
-                           f"({sampler.global_batch}); lower train.micro_batch_size or grad_accum"])
+        raise ConfigError(
+            [
+                f"data.train: {len(data.train)} samples is less than one global batch "
+                f"({sampler.global_batch}); lower train.micro_batch_size or grad_accum"
+            ]
+        )
     steps = total_steps(cfg, sampler)
     describe_start(strategy, cfg, env, sampler, steps)
     state = TrainState()
@@ -166,10 +184,19 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         state.history.append(loss)
         dt = time.perf_counter() - t0
         if writer and (state.step % cfg.logging.every_steps == 0 or state.step == steps):
-            writer.write({"step": state.step, "loss": loss, "lr": strategy.optimizer.param_groups[0]["lr"],
-                          "grad_norm": norm, "tokens": state.tokens, "tokens_per_s": tokens / dt,
-                          "step_time": dt, "samples": state.samples,
-                          "epoch": state.samples / len(data.train)})
+            writer.write(
+                {
+                    "step": state.step,
+                    "loss": loss,
+                    "lr": strategy.optimizer.param_groups[0]["lr"],
+                    "grad_norm": norm,
+                    "tokens": state.tokens,
+                    "tokens_per_s": tokens / dt,
+                    "step_time": dt,
+                    "samples": state.samples,
+                    "epoch": state.samples / len(data.train),
+                }
+            )
         if data.eval is not None and (
             (t.eval_every and state.step % t.eval_every == 0) or state.step == steps
         ):

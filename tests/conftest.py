@@ -13,7 +13,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-from helpers import build_model, reverse_rows, write_jsonl  # noqa: E402
+from helpers import build_model, reverse_rows, write_jsonl
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -30,5 +30,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("data")
-    return {fmt: write_jsonl(root / f"{fmt}.jsonl", reverse_rows(64, seed=1, fmt=fmt))
-            for fmt in ("completion", "chat", "alpaca", "text", "classification")}
+    return {
+        fmt: write_jsonl(root / f"{fmt}.jsonl", reverse_rows(64, seed=1, fmt=fmt))
+        for fmt in ("completion", "chat", "alpaca", "text", "classification")
+    }

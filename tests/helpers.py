@@ -34,16 +34,28 @@ def build_tokenizer(out: Path, kind: str = "causal", chat_template: bool = True)
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     if kind == "causal":
         tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>",
-                                       pad_token="<pad>", unk_token="<unk>",
-                                       additional_special_tokens=specials[4:])
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            bos_token="<bos>",
+            eos_token="<eos>",
+            pad_token="<pad>",
+            unk_token="<unk>",
+            additional_special_tokens=specials[4:],
+        )
         if chat_template:
             fast.chat_template = CHAT_TEMPLATE
     else:
         tok.post_processor = processors.TemplateProcessing(
-            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
-        fast = PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]",
-                                       pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+        )
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tok,
+            cls_token="[CLS]",
+            sep_token="[SEP]",
+            pad_token="[PAD]",
+            unk_token="[UNK]",
+            mask_token="[MASK]",
+        )
     fast.save_pretrained(out)
     return out
 
@@ -56,16 +68,36 @@ def build_model(out: Path, arch: str = "llama", vocab_size: int = 80, seed: int 
     torch.manual_seed(seed)
     small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "vocab_size": vocab_size}
     if arch == "llama":
-        cfg = tf.LlamaConfig(num_hidden_layers=2, num_key_value_heads=2, max_position_embeddings=256,
-                             bos_token_id=2, eos_token_id=3, pad_token_id=0, **small)
+        cfg = tf.LlamaConfig(
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+            **small,
+        )
         model = tf.LlamaForCausalLM(cfg)
     elif arch == "qwen2":
-        cfg = tf.Qwen2Config(num_hidden_layers=2, num_key_value_heads=2, max_position_embeddings=256,
-                             bos_token_id=2, eos_token_id=3, pad_token_id=0, **small)
+        cfg = tf.Qwen2Config(
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            max_position_embeddings=256,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+            **small,
+        )
         model = tf.Qwen2ForCausalLM(cfg)
     elif arch == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(num_hidden_layers=2, max_position_embeddings=256, bos_token_id=2,
-                               eos_token_id=3, pad_token_id=0, **small)
+        cfg = tf.GPTNeoXConfig(
+            num_hidden_layers=2,
+            max_position_embeddings=256,
+            bos_token_id=2,
+            eos_token_id=3,
+            pad_token_id=0,
+            **small,
+        )
         model = tf.GPTNeoXForCausalLM(cfg)
     elif arch == "bert":
         cfg = tf.BertConfig(num_hidden_layers=2, max_position_embeddings=128, pad_token_id=0, **small)
@@ -87,8 +119,9 @@ def reverse_rows(n: int, seed: int = 0, fmt: str = "completion", lo: int = 3, hi
         if fmt == "completion":
             rows.append({"prompt": prompt, "completion": " " + answer})
         elif fmt == "chat":
-            rows.append({"messages": [{"role": "user", "content": prompt},
-                                      {"role": "assistant", "content": answer}]})
+            rows.append(
+                {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
+            )
         elif fmt == "alpaca":
             rows.append({"instruction": prompt, "input": "", "output": answer})
         elif fmt == "text":
@@ -126,14 +159,21 @@ def base_config(tmp: Path, model_dir: Path, data_path: Path, **sections: dict) -
     return cfg
 
 
-def ftl(*args: str, env: dict[str, str] | None = None, timeout: int = 600,
-        cwd: Path | None = None) -> subprocess.CompletedProcess:
+def ftl(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     """Run the real CLI in a fresh process."""
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("RANK", None)
     full_env.pop("WORLD_SIZE", None)
-    return subprocess.run([sys.executable, "-m", "launcher", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout, cwd=cwd or ROOT)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd or ROOT,
+    )
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

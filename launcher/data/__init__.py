@@ -11,7 +11,15 @@ from launcher.config import Config, ConfigError
 from launcher.data.batches import GlobalBatchSampler, collate, label_token_count
 from launcher.data.formats import require_chat_template
 from launcher.data.rows import load_split
-from launcher.data.tokenized import Samples, cache_dir, cache_key, load_samples, pack, save_samples, tokenize_rows
+from launcher.data.tokenized import (
+    Samples,
+    cache_dir,
+    cache_key,
+    load_samples,
+    pack,
+    save_samples,
+    tokenize_rows,
+)
 
 __all__ = ["DataSplits", "GlobalBatchSampler", "Samples", "collate", "label_token_count", "read_splits"]
 
@@ -69,10 +77,12 @@ def tokenize_split(rows: list[dict], cfg: Config, tokenizer: Any, field: str, bu
         require_chat_template(tokenizer, cfg.model.tokenizer or cfg.model.path)
     samples = tokenize_rows(rows, d.format, tokenizer, d.max_seq_len, d.mask_prompt)
     if len(samples) == 0:
-        raise ConfigError([
-            f"{field}: empty after filtering: all {samples.dropped} rows lost every answer token to "
-            f"truncation at data.max_seq_len={d.max_seq_len} (raise it, or shorten the prompts)"
-        ])
+        raise ConfigError(
+            [
+                f"{field}: empty after filtering: all {samples.dropped} rows lost every answer token to "
+                f"truncation at data.max_seq_len={d.max_seq_len} (raise it, or shorten the prompts)"
+            ]
+        )
     save_samples(samples, path)
     return samples
 

@@ -21,11 +21,13 @@ Segment = tuple[str, bool]
 def require_chat_template(tokenizer: Any, where: str) -> None:
     """format: chat needs a chat template; say how to get one."""
     if not getattr(tokenizer, "chat_template", None):
-        raise ConfigError([
-            f"data.format: 'chat' needs a tokenizer with a chat template, and the tokenizer from {where} has "
-            "none. Fix: point model.tokenizer at a tokenizer that has one, add a 'chat_template' entry to its "
-            "tokenizer_config.json, or use data.format: completion / alpaca instead."
-        ])
+        raise ConfigError(
+            [
+                f"data.format: 'chat' needs a tokenizer with a chat template, and the tokenizer from {where} has "
+                "none. Fix: point model.tokenizer at a tokenizer that has one, add a 'chat_template' entry to its "
+                "tokenizer_config.json, or use data.format: completion / alpaca instead."
+            ]
+        )
 
 
 def chat_prompt(tokenizer: Any, messages: list[dict]) -> str:
@@ -79,8 +81,9 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
     return []
 
 
-def encode_causal(row: dict, fmt: str, tokenizer: Any, max_len: int, mask_prompt: bool,
-                  prefix_ids: list[int]) -> dict[str, list[int]] | None:
+def encode_causal(
+    row: dict, fmt: str, tokenizer: Any, max_len: int, mask_prompt: bool, prefix_ids: list[int]
+) -> dict[str, list[int]] | None:
     """input_ids + labels (IGNORE on masked tokens); None when nothing trainable survives truncation."""
     ids: list[int] = [] if fmt == "chat" else list(prefix_ids)
     labels: list[int] = [IGNORE] * len(ids)

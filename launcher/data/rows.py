@@ -56,12 +56,16 @@ def _read_jsonl(p: Path, field: str) -> list[Row]:
                 problems.append(f"{field}: {p} line {lineno}: malformed JSON ({exc.msg})")
                 continue
             if not isinstance(obj, dict):
-                problems.append(f"{field}: {p} line {lineno}: expected a JSON object, got {type(obj).__name__}")
+                problems.append(
+                    f"{field}: {p} line {lineno}: expected a JSON object, got {type(obj).__name__}"
+                )
                 continue
             obj["_line"] = lineno
             rows.append(obj)
     if problems:
-        raise ConfigError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
+        raise ConfigError(
+            problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+        )
     return rows
 
 
@@ -88,8 +92,10 @@ def check_rows(rows: list[Row], fmt: str, path: str, field: str, num_labels: int
     for i, row in enumerate(rows):
         missing = [k for k in need if row.get(k) in (None, "")]
         if missing:
-            problems.append(f"{field}: {_where(path, row, i)}: missing field(s) {', '.join(missing)} "
-                            f"(format '{fmt}' needs {', '.join(need)})")
+            problems.append(
+                f"{field}: {_where(path, row, i)}: missing field(s) {', '.join(missing)} "
+                f"(format '{fmt}' needs {', '.join(need)})"
+            )
         elif fmt == "chat":
             problems += _check_messages(row["messages"], f"{field}: {_where(path, row, i)}")
         elif fmt == "classification":

@@ -34,6 +34,12 @@ class Strategy(ABC):
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler: torch.amp.GradScaler | None = None
 
+    def build_model(self) -> nn.Module:
+        """Load the model for this strategy (sharded strategies may load on meta / rank 0 only)."""
+        from launcher.model import build_model
+
+        return build_model(self.cfg, self.env.device)
+
     @abstractmethod
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
         """Wrap the model for this strategy and build its optimizer over the trainable parameters."""
@@ -75,18 +81,36 @@ class Strategy(ABC):
     def local_numel(self) -> tuple[int, int]:
         """(parameter elements held by this rank, optimizer-state elements held by this rank)."""
         params = sum(_local(p).numel() for p in self.model.parameters())
-        state = sum(_local(t).numel() for s in self.optimizer.state.values() for t in s.values()
-                    if torch.is_tensor(t) and t.dim() > 0)
+        state = sum(
+            _local(t).numel()
+            for s in self.optimizer.state.values()
+            for t in s.values()
+            if torch.is_tensor(t) and t.dim() > 0
+        )
         return params, state
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter gathered in full on rank 0 (empty on other ranks), for export."""
-        return {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()} if self.env.is_main else {}
+        return (
+            {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()} if self.env.is_main else {}
+        )
 
     def save_pretrained(self, directory: Path) -> None:
         """Write the final model (PEFT: the adapter only) as a Hugging Face directory, from rank 0."""
         if self.env.is_main:
             self.unwrapped.save_pretrained(directory, safe_serialization=True)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Write model (trainable parameters only for LoRA/QLoRA) + optimizer state into `directory`.
+
+        Called on EVERY rank with the same (temporary) directory; each rank writes only its own shard.
+        The checkpoint manager handles atomic rename, the completeness marker and trainer state.
+        """
+        raise NotImplementedError(f"{self.name}: checkpointing is not implemented")
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore what save_checkpoint wrote (possibly by a different world size). Every rank calls it."""
+        raise NotImplementedError(f"{self.name}: checkpointing is not implemented")
 
     def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad)
