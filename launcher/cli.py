@@ -17,9 +17,7 @@ EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ftl", description="Fine-tune LLMs: full, LoRA, QLoRA; DDP/FSDP/DeepSpeed."
-    )
+    p = argparse.ArgumentParser(prog="ftl", description="Fine-tune LLMs: full, LoRA, QLoRA; DDP/FSDP/DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config (joins torchrun/accelerate/srun ranks)")
     t.add_argument("config")

@@ -43,9 +43,7 @@ class LoraSettings(_Section):
     r: int = Field(16, ge=1, description="LoRA rank.")
     alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
     dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
-    target_modules: str | list[str] = Field(
-        "all-linear", description="'all-linear' or a list of module-name suffixes."
-    )
+    target_modules: str | list[str] = Field("all-linear", description="'all-linear' or a list of module-name suffixes.")
 
 
 class QLoraSettings(_Section):

@@ -26,9 +26,7 @@ def dequantize_4bit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
             if not isinstance(child, bnb.nn.Linear4bit):
                 continue
             weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            linear = nn.Linear(
-                child.in_features, child.out_features, bias=child.bias is not None, dtype=dtype
-            )
+            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=dtype)
             linear.weight.data.copy_(weight.to(dtype))
             if child.bias is not None:
                 linear.bias.data.copy_(child.bias.data.to(dtype))

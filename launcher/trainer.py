@@ -88,9 +88,7 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(
-    strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pad_id: int
-) -> dict[str, float]:
+def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pad_id: int) -> dict[str, float]:
     """Mean eval loss (and accuracy for classification); every rank runs the same number of batches."""
     model = strategy.model
     model.eval()
@@ -117,9 +115,7 @@ def evaluate(
     return out
 
 
-def describe_start(
-    strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler, steps: int
-) -> None:
+def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler, steps: int) -> None:
     trainable, total = param_counts(strategy.unwrapped)
     local_params, local_state = strategy.local_numel()
     if env.is_main:
@@ -197,9 +193,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
                     "epoch": state.samples / len(data.train),
                 }
             )
-        if data.eval is not None and (
-            (t.eval_every and state.step % t.eval_every == 0) or state.step == steps
-        ):
+        if data.eval is not None and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
             metrics = evaluate(strategy, data.eval, cfg, env, pad_id)
             if writer:
                 writer.write({"step": state.step, **metrics})

@@ -119,9 +119,7 @@ def reverse_rows(n: int, seed: int = 0, fmt: str = "completion", lo: int = 3, hi
         if fmt == "completion":
             rows.append({"prompt": prompt, "completion": " " + answer})
         elif fmt == "chat":
-            rows.append(
-                {"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]}
-            )
+            rows.append({"messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
         elif fmt == "alpaca":
             rows.append({"instruction": prompt, "input": "", "output": answer})
         elif fmt == "text":

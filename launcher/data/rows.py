@@ -56,16 +56,12 @@ def _read_jsonl(p: Path, field: str) -> list[Row]:
                 problems.append(f"{field}: {p} line {lineno}: malformed JSON ({exc.msg})")
                 continue
             if not isinstance(obj, dict):
-                problems.append(
-                    f"{field}: {p} line {lineno}: expected a JSON object, got {type(obj).__name__}"
-                )
+                problems.append(f"{field}: {p} line {lineno}: expected a JSON object, got {type(obj).__name__}")
                 continue
             obj["_line"] = lineno
             rows.append(obj)
     if problems:
-        raise ConfigError(
-            problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else [])
-        )
+        raise ConfigError(problems[:20] + ([f"... and {len(problems) - 20} more"] if len(problems) > 20 else []))
     return rows
 
 

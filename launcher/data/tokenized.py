@@ -145,7 +145,5 @@ def pack(samples: Samples, max_len: int, seed: int) -> Samples:
         out.input_ids.append(np.concatenate([samples.input_ids[i] for i in members]))
         out.labels.append(np.concatenate(labs))
         out.position_ids.append(np.concatenate([np.arange(len(samples.input_ids[i])) for i in members]))
-        out.seq_ids.append(
-            np.concatenate([np.full(len(samples.input_ids[i]), k) for k, i in enumerate(members)])
-        )
+        out.seq_ids.append(np.concatenate([np.full(len(samples.input_ids[i]), k) for k, i in enumerate(members)]))
     return out
