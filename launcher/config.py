@@ -96,6 +96,19 @@ class DistributedConfig(_Section):
         "auto", description="auto: single for one process, else what the launcher asked, else ddp."
     )
     timeout_minutes: float = Field(30, gt=0, description="Collective timeout.")
+    zero_stage: Literal[1, 2, 3] | None = Field(
+        None,
+        description="DeepSpeed ZeRO stage (1: optimizer state, 2: + grads, 3: + params sharded); "
+        "null: the deepspeed_config's stage, else 2.",
+    )
+    offload: Literal["none", "optimizer", "params", "all"] | None = Field(
+        None, description="DeepSpeed CPU offload (params/all need ZeRO-3); null: as deepspeed_config says, else none."
+    )
+    deepspeed_config: str | None = Field(
+        None,
+        description="A DeepSpeed JSON to start from instead of ds_configs/ presets; 'auto' values are filled "
+        "from this config, a value that contradicts it is an error.",
+    )
 
 
 class CheckpointConfig(_Section):
