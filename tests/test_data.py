@@ -1,0 +1,129 @@
+"""Data: formats, prompt masking, packing without leakage, the global-batch sampler, caching."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import base_config, reverse_rows, write_jsonl
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from launcher.config import Config, ConfigError
+from launcher.data import GlobalBatchSampler, collate, read_splits, tokenize_split
+from launcher.data.formats import IGNORE
+from launcher.data.tokenized import pack, tokenize_rows
+from launcher.trainer import loss_sum
+
+
+def _cfg(tmp_path: Path, model: Path, data: Path, **data_section) -> Config:
+    raw = base_config(tmp_path, model, data, data={"format": "completion", **data_section})
+    return Config.model_validate(raw)
+
+
+@pytest.mark.parametrize("fmt", ["chat", "alpaca", "completion"])
+def test_mask_prompt_labels_only_the_answer(models: dict, fmt: str) -> None:
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    row = reverse_rows(1, seed=3, fmt=fmt)[0]
+    answer = {"chat": lambda r: r["messages"][1]["content"], "alpaca": lambda r: r["output"],
+              "completion": lambda r: r["completion"]}[fmt](row)
+    masked = tokenize_rows([row], fmt, tok, 64, mask_prompt=True)
+    ids, labels = masked.input_ids[0], masked.labels[0]
+    trained = [int(i) for i, lab in zip(ids, labels) if lab != IGNORE]
+    expected = tok(answer, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert trained == expected  # exactly the answer (+ EOS) carries loss
+    assert all(lab == IGNORE for lab in labels[: len(ids) - len(expected)])
+    unmasked = tokenize_rows([row], fmt, tok, 64, mask_prompt=False)
+    assert (unmasked.labels[0][1:] != IGNORE).all()  # position 0 is never predicted
+
+
+def test_chat_without_template_names_the_fix(tmp_path: Path, models: dict) -> None:
+    from helpers import build_tokenizer
+
+    tok_dir = build_tokenizer(tmp_path / "tok", chat_template=False)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    data = write_jsonl(tmp_path / "c.jsonl", reverse_rows(4, fmt="chat"))
+    cfg = _cfg(tmp_path, models["llama"], data, format="chat")
+    with pytest.raises(ConfigError, match="chat template") as err:
+        tokenize_split(read_splits(cfg).train, cfg, tok, "data.train", build=True)
+    assert "chat_template" in str(err.value) and "data.format" in str(err.value)
+
+
+def test_malformed_line_and_missing_fields_are_named(tmp_path: Path, models: dict) -> None:
+    good = '{"prompt": "a", "completion": "b"}\n'
+    data = tmp_path / "bad.jsonl"
+    data.write_text(good + '{"prompt": "a", "completion": \n' + good + '{"prompt": "x"}\n')
+    with pytest.raises(ConfigError) as err:
+        read_splits(_cfg(tmp_path, models["llama"], data))
+    text = str(err.value)
+    assert "bad.jsonl line 2: malformed JSON" in text
+    write_jsonl(data, [{"prompt": "a", "completion": "b"}, {"prompt": "x"}])
+    with pytest.raises(ConfigError, match=r"bad.jsonl line 2: missing field\(s\) completion"):
+        read_splits(_cfg(tmp_path, models["llama"], data))
+
+
+def test_empty_after_filtering(tmp_path: Path, models: dict) -> None:
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    rows = [{"prompt": " ".join(["w1"] * 40), "completion": " w2"}] * 3
+    cfg = _cfg(tmp_path, models["llama"], write_jsonl(tmp_path / "long.jsonl", rows), max_seq_len=16)
+    with pytest.raises(ConfigError, match="empty after filtering.*max_seq_len=16"):
+        tokenize_split(read_splits(cfg).train, cfg, tok, "data.train", build=True)
+
+
+def test_tokenisation_is_cached_on_disk(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    cfg = _cfg(tmp_path, models["llama"], toy_data["completion"])
+    rows = read_splits(cfg).train
+    built = tokenize_split(rows, cfg, tok, "data.train", build=True)
+    cached = tokenize_split(rows, cfg, tok, "data.train", build=False)  # must not tokenise again
+    assert cached is not None and len(cached) == len(built)
+    assert all((a == b).all() for a, b in zip(built.labels, cached.labels))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
+def test_packing_gives_the_same_per_token_loss(models: dict, arch: str) -> None:
+    tok = AutoTokenizer.from_pretrained(models[arch])
+    model = AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation="sdpa").eval()
+    samples = tokenize_rows(reverse_rows(6, seed=5), "completion", tok, 64, mask_prompt=True)
+    packed = pack(samples, max_len=64, seed=0)
+    assert len(packed) < len(samples)  # really packed several samples per row
+    with torch.no_grad():
+        plain_loss, _ = loss_sum(model, collate(samples, range(len(samples)), tok.pad_token_id))
+        packed_loss, _ = loss_sum(model, collate(packed, range(len(packed)), tok.pad_token_id))
+    assert samples.num_label_tokens == packed.num_label_tokens
+    assert torch.allclose(plain_loss, packed_loss, rtol=1e-5), (plain_loss, packed_loss)
+
+
+def test_packing_without_the_block_mask_would_leak(models: dict) -> None:
+    """Guards the test above: with a plain causal mask over the packed row, the loss differs."""
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], attn_implementation="sdpa").eval()
+    samples = tokenize_rows(reverse_rows(6, seed=5), "completion", tok, 64, mask_prompt=True)
+    packed = pack(samples, max_len=64, seed=0)
+    batch = collate(packed, range(len(packed)), tok.pad_token_id)
+    leaky = dict(batch, attention_mask=(batch["position_ids"] >= 0).long())
+    with torch.no_grad():
+        sealed, _ = loss_sum(model, batch)
+        leaked, _ = loss_sum(model, leaky)
+    assert not torch.allclose(sealed, leaked, rtol=1e-5)
+
+
+def test_global_batch_is_the_same_for_any_world_size_and_accumulation() -> None:
+    ref = GlobalBatchSampler(num_samples=50, micro_batch_size=4, grad_accum=2, world_size=1, seed=7)
+    two = GlobalBatchSampler(num_samples=50, micro_batch_size=4, grad_accum=1, world_size=2, seed=7)
+    four = GlobalBatchSampler(num_samples=50, micro_batch_size=1, grad_accum=2, world_size=4, seed=7)
+    for step in (0, 3, 6, 11):  # crosses epoch boundaries (6 steps per epoch)
+        expected = sorted(np.concatenate(ref.micro_batches(step, 0)).tolist())
+        for s in (two, four):
+            got = [i for r in range(s.world_size) for mb in s.micro_batches(step, r) for i in mb.tolist()]
+            assert sorted(got) == expected
+    assert ref.epoch_of(6) == 1 and set(ref.global_ids(0)) != set(ref.global_ids(6))
+
+
+def test_classification_rows(models: dict, toy_data: dict) -> None:
+    tok = AutoTokenizer.from_pretrained(models["bert"])
+    rows = reverse_rows(4, fmt="classification")
+    s = tokenize_rows(rows, "classification", tok, 32, mask_prompt=True)
+    assert s.class_labels.tolist() == [r["label"] for r in rows]
+    assert s.input_ids[0][0] == tok.cls_token_id and s.input_ids[0][-1] == tok.sep_token_id
