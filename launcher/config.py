@@ -96,6 +96,15 @@ class DistributedConfig(_Section):
         "auto", description="auto: single for one process, else what the launcher asked, else ddp."
     )
     timeout_minutes: float = Field(30, gt=0, description="Collective timeout.")
+    fsdp_wrap: list[str] | None = Field(
+        None, description="FSDP: module classes sharded as one unit each; null: the model's _no_split_modules."
+    )
+    fsdp_reshard_after_forward: bool = Field(
+        True, description="FSDP: free gathered block weights after forward, re-gather in backward (less memory)."
+    )
+    fsdp_cpu_offload: bool = Field(
+        False, description="FSDP: keep sharded parameters, gradients and optimizer state in CPU memory."
+    )
     zero_stage: Literal[1, 2, 3] | None = Field(
         None,
         description="DeepSpeed ZeRO stage (1: optimizer state, 2: + grads, 3: + params sharded); "

@@ -27,4 +27,8 @@ def make_strategy(cfg: Config, env: DistEnv) -> Strategy:
         from launcher.strategies.ddp import DDPStrategy
 
         return DDPStrategy(cfg, env)
+    if name == "fsdp":
+        from launcher.strategies.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, env)
     raise ConfigError([f"distributed.strategy: '{name}' is not available yet in this build"])

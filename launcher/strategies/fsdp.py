@@ -1,0 +1,270 @@
+"""Native PyTorch FSDP2 (`fully_shard`): parameters, gradients and optimizer state are sharded across ranks.
+
+Each transformer block (classes from the model's `_no_split_modules`, or `distributed.fsdp_wrap`) is one
+all-gather / reduce-scatter group, then the root. Only rank 0 reads the weights: the other ranks build the
+same architecture on the meta device, shard it, and receive their shards by broadcast from rank 0. QLoRA is
+the exception: bitsandbytes quantises while loading, which has no meta path, so every rank loads the (small)
+4-bit model and shards it; the 4-bit weights are stored in a float dtype so FSDP can shard them.
+
+Gradients are SUMMED across ranks (divide factor 1): the trainer already normalises each rank's loss by the
+global label count, so the sum is the gradient of the whole global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from launcher.config import Config, ConfigError
+from launcher.dist import DistEnv
+from launcher.model import DTYPES
+from launcher.strategies.base import OptimizerFactory, Strategy
+
+MP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SHARDING_FILE = "sharding.json"
+
+
+def ensure_process_group(env: DistEnv) -> None:
+    """FSDP needs a process group even for one rank; ftl only starts one for several."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if env.device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def wrap_class_names(model: nn.Module, configured: list[str] | None) -> set[str]:
+    """Module classes sharded as one unit each: the configured names, else the model's `_no_split_modules`."""
+    present = {type(m).__name__ for m in model.modules()}
+    names = set(configured or getattr(model, "_no_split_modules", None) or [])
+    if configured:
+        missing = sorted(names - present)
+        if missing:
+            raise ConfigError([f"distributed.fsdp_wrap: no module of class {missing} in this model"])
+    names &= present
+    if not names:
+        raise ConfigError(
+            [
+                "distributed.fsdp_wrap: the model names no transformer block class (_no_split_modules); "
+                "set distributed.fsdp_wrap to its block class, e.g. [LlamaDecoderLayer]"
+            ]
+        )
+    return names
+
+
+def build_meta_model(cfg: Config) -> nn.Module:
+    """The architecture `launcher.model.build_model` makes (full or LoRA), on the meta device: no weights read.
+
+    It must match rank 0's model name for name; `set_model_state_dict(strict)` checks that it does.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from launcher.model import lora_config
+
+    m, kind = cfg.model, cfg.method.kind
+    classify = m.task == "sequence_classification"
+    extra: dict[str, Any] = {"num_labels": m.num_labels} if classify else {}
+    hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **extra)
+    cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {} if classify else {"attn_implementation": "sdpa"}
+    with torch.device("meta"):
+        model = cls.from_config(hf_config, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
+    if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
+        eos = model.config.eos_token_id
+        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
+    if cfg.train.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if kind == "lora":
+            model.enable_input_require_grads()
+    if kind == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config(cfg))
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    if getattr(model.config, "use_cache", None) is not None:
+        model.config.use_cache = False
+    return model
+
+
+class FSDPStrategy(Strategy):
+    """FSDP2 per transformer block + root; mixed precision by policy (no autocast), optional CPU offload."""
+
+    name = "fsdp"
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        super().__init__(cfg, env)
+        self._adapters = cfg.method.kind in ("lora", "qlora")
+        self._full_weights: dict[str, torch.Tensor] | None = None  # rank 0's weights, until broadcast
+        self._on_meta = False
+        self._reported = False
+
+    # --- building and wrapping -------------------------------------------------------------------------
+    def quant_storage(self) -> torch.dtype:
+        """Float container dtype for the packed 4-bit weights: one mixed precision never casts (it would
+        scramble the packed bits), i.e. the policy's param dtype, else the QLoRA compute dtype."""
+        return MP_DTYPES.get(self.cfg.train.precision) or DTYPES[self.cfg.method.qlora.compute_dtype]
+
+    def build_model(self) -> nn.Module:
+        """Rank 0 loads the weights (on CPU when the run uses CUDA); the other ranks build on meta."""
+        from launcher.model import build_model
+
+        ensure_process_group(self.env)
+        if self.cfg.method.kind == "qlora":
+            return build_model(self.cfg, self.env.device, quant_storage=self.quant_storage())
+        if self.env.rank != 0:
+            self._on_meta = True
+            return build_meta_model(self.cfg)
+        model = build_model(self.cfg, torch.device("cpu"))
+        if self.env.world_size > 1:
+            self._full_weights = model.state_dict()
+        return model
+
+    def _shard_kwargs(self) -> dict[str, Any]:
+        d, precision = self.cfg.distributed, self.cfg.train.precision
+        mp = (
+            MixedPrecisionPolicy(param_dtype=MP_DTYPES[precision], reduce_dtype=torch.float32)
+            if (precision in MP_DTYPES)
+            else MixedPrecisionPolicy()
+        )
+        return {
+            "mesh": init_device_mesh(self.env.device.type, (dist.get_world_size(),)),
+            "reshard_after_forward": d.fsdp_reshard_after_forward,
+            "mp_policy": mp,
+            "offload_policy": CPUOffloadPolicy() if d.fsdp_cpu_offload else OffloadPolicy(),
+        }
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
+        """Shard every block, then the root; fill meta ranks from rank 0; optimizer over local shards."""
+        kwargs = self._shard_kwargs()
+        names = wrap_class_names(model, self.cfg.distributed.fsdp_wrap)
+        blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.set_gradient_divide_factor(1.0)  # sum, see the module docstring
+                module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+        if self.env.world_size > 1 and self.cfg.method.kind != "qlora":
+            self._broadcast_from_rank0(model)
+        self.model = model
+        self.optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
+        if self.cfg.train.precision == "fp16":
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(self.env.device.type)
+        return model
+
+    def _broadcast_from_rank0(self, model: nn.Module) -> None:
+        """Give meta ranks real storage, then rank 0's weights (parameters and all buffers)."""
+        if self._on_meta:
+            offload = self.cfg.distributed.fsdp_cpu_offload
+            model.to_empty(device=torch.device("cpu") if offload else self.env.device)
+            for module in model.modules():
+                for key, buf in module._buffers.items():
+                    if buf is not None:
+                        module._buffers[key] = buf.to(self.env.device)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, self._full_weights or {}, options=options)
+        self._full_weights = None
+        for buf in model.buffers():  # non-persistent ones (rotary inv_freq) are in no state dict
+            dist.broadcast(buf, src=0)
+
+    # --- training --------------------------------------------------------------------------------------
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.model
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """None: the MixedPrecisionPolicy already computes in bf16/fp16."""
+        return contextlib.nullcontext()
+
+    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Gradients accumulate unsharded locally and are reduce-scattered on the last micro-step. The flag
+        is set, not scoped: the trainer runs backward after leaving this context."""
+        self.model.set_requires_gradient_sync(last_micro_step)
+        return contextlib.nullcontext()
+
+    def step(self, max_grad_norm: float | None) -> float:
+        """Clip by the global grad norm (over all shards), step, zero grads; returns that norm."""
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not self._reported:
+            self._reported = True
+            self.report_sharding()
+        return float(norm)
+
+    def report_sharding(self) -> None:
+        """Write every rank's held parameter and optimizer-state elements to OUTPUT_DIR/sharding.json
+        (after the first step, when the optimizer state exists)."""
+        params, state = self.local_numel()
+        rows: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, {"params": params, "optimizer_state": state})
+        out = Path(self.cfg.output_dir)
+        if self.env.is_main and out.is_dir():
+            (out / SHARDING_FILE).write_text(json.dumps({"strategy": self.name, "ranks": rows}, indent=1))
+
+    # --- state ---------------------------------------------------------------------------------------
+    def _options(self, **kw: bool) -> StateDictOptions:
+        return StateDictOptions(ignore_frozen_params=self._adapters, **kw)
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """Sharded DCP checkpoint of the model (trainable parameters only for adapters) and optimizer."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Load a DCP checkpoint into the current sharding (any world size: DCP reshards)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        state = {"model": model_sd, "optimizer": optim_sd}
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+            options=self._options(strict=not self._adapters),
+        )
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter gathered to rank 0 on CPU (QLoRA: the adapter only); empty on other ranks."""
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.cfg.method.kind == "qlora"
+        )
+        state = get_model_state_dict(self.model, options=options)
+        return state if self.env.is_main else {}
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Gather on rank 0 and write a Hugging Face directory there (PEFT: only the adapter)."""
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self._adapters)
+        state = get_model_state_dict(self.model, options=options)
+        if self.env.is_main:
+            self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
