@@ -27,6 +27,10 @@ def make_strategy(cfg: Config, env: DistEnv) -> Strategy:
         from launcher.strategies.ddp import DDPStrategy
 
         return DDPStrategy(cfg, env)
+    if name == "deepspeed":
+        from launcher.strategies.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, env)
     if name == "fsdp":
         from launcher.strategies.fsdp import FSDPStrategy
 

@@ -1,0 +1,259 @@
+"""DeepSpeed ZeRO-1/2/3 (optionally CPU-offloaded) behind ftl's strategy interface.
+
+ftl keeps the loop: it builds the optimizer (DeepSpeed wraps and shards it), sets the LR on it every step,
+normalises the loss by the global label-token count, and accumulates micro-batches. DeepSpeed is driven in
+its own managed-accumulation semantics with gradient_accumulation_steps = train.grad_accum: `backward`
+un-does DeepSpeed's loss scalings (÷ accumulation steps in engine.backward, ÷ ranks in its gradient
+averaging) and calls engine.step() after every micro-batch but the last, which the loop's `step` then
+takes, so the applied gradient is exactly the single-process one. Clipping is DeepSpeed's
+(gradient_clipping = train.max_grad_norm).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from launcher.config import Config
+from launcher.dist import DistEnv
+from launcher.metrics import log
+from launcher.model import DTYPES
+from launcher.strategies.base import OptimizerFactory, Strategy
+from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, read_user_json, resolve_stage_offload
+
+CKPT_TAG = "state"
+CKPT_META = "ftl_deepspeed.json"
+
+
+def init_deepspeed_dist(env: DistEnv, timeout_minutes: float) -> None:
+    """Join (or, for a lone process, create) the process group DeepSpeed needs: gloo on CPU, nccl on CUDA.
+
+    When ftl's launcher/dist.py already started the group, DeepSpeed wraps it."""
+    import deepspeed
+
+    if not dist.is_initialized():
+        defaults = {"RANK": env.rank, "WORLD_SIZE": env.world_size, "LOCAL_RANK": env.local_rank}
+        for key, value in defaults.items():
+            os.environ.setdefault(key, str(value))
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "MASTER_PORT" not in os.environ:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    deepspeed.init_distributed(
+        dist_backend="nccl" if env.device.type == "cuda" else "gloo",
+        auto_mpi_discovery=False,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+        verbose=False,
+    )
+
+
+def quant_storage_dtype(cfg: Config) -> torch.dtype:
+    """Float storage for 4-bit weights so ZeRO-3 can partition them: the dtype DeepSpeed casts the module
+    to under bf16/fp16, else the QLoRA compute dtype."""
+    if cfg.train.precision in ("bf16", "fp16"):
+        return torch.bfloat16 if cfg.train.precision == "bf16" else torch.float16
+    return DTYPES[cfg.method.qlora.compute_dtype]
+
+
+class DeepSpeedStrategy(Strategy):
+    """ZeRO stage 1/2/3 through deepspeed.initialize, with ftl's own optimizer and loop."""
+
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, env: DistEnv):
+        super().__init__(cfg, env)
+        check_deepspeed_config(cfg, env.world_size)  # cheap; before any model loads
+        user = read_user_json(cfg.distributed.deepspeed_config) if cfg.distributed.deepspeed_config else None
+        self.stage, self.offload = resolve_stage_offload(cfg, user)
+        self.engine: Any = None
+        self.ds_config: dict[str, Any] = {}
+        self.adapters = cfg.method.kind in ("lora", "qlora")
+
+    def build_model(self) -> nn.Module:
+        """The model on every rank (ZeRO-3 partitions it in setup); QLoRA under ZeRO-3 stores 4-bit in floats."""
+        from launcher.model import build_model
+
+        init_deepspeed_dist(self.env, self.cfg.distributed.timeout_minutes)
+        storage = quant_storage_dtype(self.cfg) if self.cfg.method.kind == "qlora" and self.stage == 3 else None
+        return build_model(self.cfg, self.env.device, quant_storage=storage)
+
+    def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
+        import deepspeed
+
+        init_deepspeed_dist(self.env, self.cfg.distributed.timeout_minutes)
+        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+        self.ds_config = build_ds_config(self.cfg, self.env.world_size, hidden)
+        optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
+        engine, ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
+        )
+        self.engine = self.model = engine
+        # ftl sets param_groups[i]["lr"] here: the torch optimizer DeepSpeed's ZeRO wrapper actually steps.
+        self.optimizer = getattr(ds_optimizer, "optimizer", ds_optimizer)
+        return engine
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.engine.module
+
+    def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """DeepSpeed decides reductions from its own micro-step counter (see `backward`)."""
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """engine.backward without its ÷accumulation-steps, × ranks against its gradient averaging; then
+        engine.step() for every micro-batch but the last (DeepSpeed counts micro-steps there, no update)."""
+        self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
+        if not self.engine.is_gradient_accumulation_boundary():
+            self.engine.step()
+
+    def step(self, max_grad_norm: float | None) -> float:
+        """The boundary engine.step(): DeepSpeed clips (gradient_clipping = train.max_grad_norm) and updates.
+
+        Returns the global grad norm before clipping."""
+        if not self.engine.is_gradient_accumulation_boundary():
+            raise RuntimeError(
+                "deepspeed: step() before the last micro-batch of the step; the loop must run exactly "
+                f"train.grad_accum={self.cfg.train.grad_accum} backward() calls per step"
+            )
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    def local_numel(self) -> tuple[int, int]:
+        """(parameter elements this rank holds: ZeRO-3 counts its partitions; optimizer-state elements)."""
+        params = sum(p.partition_numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.unwrapped.parameters())
+        state = sum(
+            t.numel() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
+        )
+        return params, state
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every parameter gathered in full on rank 0 (empty on other ranks). Every rank must call it."""
+        if self.stage != 3:
+            return super().full_state_dict()
+        state = self.engine._zero3_consolidated_16bit_state_dict()
+        return {k: v.detach().clone().cpu() for k, v in state.items()} if self.env.is_main else {}
+
+    def _trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trainable parameters in full on rank 0 (ZeRO-3 gathers them one at a time)."""
+        import deepspeed
+
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.unwrapped.named_parameters():
+            if not p.requires_grad:
+                continue
+            gather = deepspeed.zero.GatheredParameters([p]) if self.stage == 3 else contextlib.nullcontext()
+            with gather:
+                if self.env.is_main:
+                    out[name] = p.detach().clone().cpu()
+        return out
+
+    def save_pretrained(self, directory: Path) -> None:
+        """Rank 0 writes a Hugging Face directory (PEFT: the adapter only); every rank must call it."""
+        state = self._trainable_state_dict() if self.adapters else self.full_state_dict()
+        self._write_sharding_report()
+        if self.env.is_main:
+            self.unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    def _write_sharding_report(self) -> None:
+        """OUTPUT_DIR/deepspeed_sharding.json: per-rank held params, optimizer state and peak RSS (after training)."""
+        params, state = self.local_numel()
+        mine = {"params": params, "optimizer_state": state, "peak_rss_mb": _peak_rss_mb()}
+        ranks = [mine]
+        if dist.is_initialized() and self.env.world_size > 1:
+            ranks = [None] * self.env.world_size
+            dist.all_gather_object(ranks, mine)
+        if not self.env.is_main:
+            return
+        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrapped.parameters())
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrapped.parameters() if p.requires_grad)
+        report = {**self.describe(), "total_params": total, "trainable_params": trainable, "ranks": ranks}
+        out = Path(self.cfg.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "deepspeed_sharding.json").write_text(json.dumps(report, indent=2) + "\n")
+        log(
+            f"deepspeed: zero_stage={self.stage} offload={self.offload} total={total:,} trainable={trainable:,} "
+            + " ".join(f"rank{i}: held={r['params']:,} optim={r['optimizer_state']:,}" for i, r in enumerate(ranks))
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"strategy": self.name, "zero_stage": self.stage, "offload": self.offload}
+
+    def save_checkpoint(self, directory: Path) -> None:
+        """DeepSpeed's own sharded checkpoint (frozen base weights excluded) + a small ftl metadata file.
+
+        Every rank calls it with the same directory."""
+        directory = Path(directory)
+        self.engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state={}, exclude_frozen_parameters=True)
+        if self.env.is_main:
+            meta = {"world_size": self.env.world_size, "zero_stage": self.stage, "tag": CKPT_TAG}
+            (directory / CKPT_META).write_text(json.dumps(meta) + "\n")
+        if dist.is_initialized():
+            dist.barrier()
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore a checkpoint written by `save_checkpoint`, on the same or a different world size.
+
+        DeepSpeed checkpoints are pickles (torch.load with weights_only=False): load only directories this
+        run wrote itself (OUTPUT_DIR/checkpoints), never a checkpoint from an untrusted source. A different
+        world size is converted once by rank 0 with deepspeed.checkpoint.ds_to_universal into the sibling
+        directory `.<name>.universal` and loaded as a universal checkpoint."""
+        directory = Path(directory)
+        meta = json.loads((directory / CKPT_META).read_text())
+        if meta["world_size"] == self.env.world_size:
+            self._engine_load(directory, universal=False)
+            return
+        self._engine_load(self._universal(directory), universal=True)
+
+    def _engine_load(self, directory: Path, universal: bool) -> None:
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            path, _ = self.engine.load_checkpoint(
+                str(directory),
+                tag=CKPT_TAG,
+                load_module_strict=not self.adapters,
+                load_optimizer_states=True,
+                load_lr_scheduler_states=False,
+            )
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        if path is None:
+            raise RuntimeError(f"deepspeed: no checkpoint '{CKPT_TAG}' in {directory}")
+
+    def _universal(self, directory: Path) -> Path:
+        """Rank 0 converts `directory` to a universal checkpoint (once); every rank gets its path."""
+        out = directory.parent / f".{directory.name}.universal"
+        done = out / "ftl_converted"
+        if self.env.is_main and not done.exists():
+            shutil.rmtree(out, ignore_errors=True)
+            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
+            cmd += [str(directory / CKPT_TAG), "--output_folder", str(out / CKPT_TAG)]
+            cmd += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
+            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if res.returncode != 0:
+                raise RuntimeError(f"deepspeed: ds_to_universal failed on {directory}:\n{res.stderr[-3000:]}")
+            done.write_text("ok\n")
+            log(f"deepspeed: converted {directory} to a universal checkpoint in {out}")
+        if dist.is_initialized():
+            dist.barrier()
+        return out
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
