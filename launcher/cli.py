@@ -1,6 +1,7 @@
 """`ftl` subcommands: parse, call, and map errors to exit codes. Heavy imports happen inside commands.
 
-Exit codes: 0 success; 1 the run failed; 2 bad input (config, data, paths), reported before heavy work.
+Exit codes: 0 success; 1 the run failed; 2 bad input (config, data, paths), reported before heavy work;
+3 stopped early on request (signal, STOP file, max_minutes) with a checkpoint saved: rerun to resume.
 """
 
 from __future__ import annotations
@@ -58,8 +59,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     check_inputs(cfg)  # before torch is even imported
     from launcher.trainer import run_training
 
-    run_training(cfg)
-    return EXIT_OK
+    return run_training(cfg)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -121,9 +121,18 @@ class DistributedConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    every_steps: int = Field(0, ge=0, description="Save every N steps (0: off).")
-    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept.")
-    resume: str = Field("auto", description="auto | never | PATH of a checkpoint directory.")
+    every_steps: int = Field(0, ge=0, description="Save every N optimizer steps (0: off).")
+    every_minutes: float | None = Field(None, gt=0, description="Also save when this much time has passed.")
+    keep_last: int = Field(2, ge=1, description="Complete checkpoints kept (the newest is never deleted).")
+    keep_every: int | None = Field(None, ge=1, description="Also keep every checkpoint whose step is a multiple.")
+    resume: str = Field("auto", description="auto: latest complete checkpoint, else fresh | never | PATH.")
+    dir: str | None = Field(None, description="Checkpoint root; defaults to OUTPUT_DIR/checkpoints.")
+    max_minutes: float | None = Field(
+        None, gt=0, description="Wall-clock guard: save and stop (exit 3) once a run has trained this long."
+    )
+    stop_signals: list[str] = Field(
+        ["SIGTERM", "SIGUSR1"], description="Signals that mean: save a checkpoint at the next step, exit 3."
+    )
 
 
 class WandbConfig(_Section):
@@ -136,6 +145,7 @@ class WandbConfig(_Section):
 
 class LoggingConfig(_Section):
     every_steps: int = Field(1, ge=1, description="Write a metrics row every N steps.")
+    sample_ids: bool = Field(False, description="Add each step's global-batch sample ids to metrics rows (audit).")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
 
@@ -242,6 +252,11 @@ def cross_field_problems(cfg: Config) -> list[str]:
         )
     if cfg.data.eval and cfg.data.eval_fraction > 0:
         p.append("data.eval_fraction: set either data.eval or data.eval_fraction, not both")
+    import signal
+
+    bad = [n for n in cfg.checkpoint.stop_signals if not isinstance(getattr(signal, n, None), signal.Signals)]
+    if bad:
+        p.append(f"checkpoint.stop_signals: unknown signal name(s) {', '.join(bad)} (e.g. SIGTERM, SIGUSR1)")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
     return p

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -19,18 +21,23 @@ def log(msg: str) -> None:
 class MetricsWriter:
     """Writes each logged step once to metrics.jsonl, the terminal and (optionally) W&B."""
 
-    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, start_step: int = 0):
+    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, state: Any):
         self.path = out_dir / "metrics.jsonl"
         self.cfg = cfg
         self.total = total_steps
         self.bar = None
         self.wandb_run = None
+        keep_rows_up_to(self.path, state.step)
         if sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, initial=start_step, desc="train", dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=state.step, desc="train", dynamic_ncols=True)
         if cfg.logging.wandb.enabled:
-            self.wandb_run = start_wandb(cfg, out_dir)
+            self.wandb_run = start_wandb(cfg, out_dir, state.wandb_id)
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self.wandb_run.id if self.wandb_run is not None else None
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (training step or eval) and show it."""
@@ -72,13 +79,25 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else str(v)
 
 
-def start_wandb(cfg: Config, out_dir: Path) -> Any:
-    """Open the run's W&B run (one id per output_dir, kept in wandb_id.txt so restarts continue it)."""
+def keep_rows_up_to(path: Path, step: int) -> None:
+    """Drop rows logged after `step` (by a run killed after its last checkpoint): each step appears once."""
+    if not path.exists():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def start_wandb(cfg: Config, out_dir: Path, run_id: str | None) -> Any:
+    """Open the run's W&B run: the id comes from the checkpoint, else OUTPUT_DIR/wandb_id.txt, else is new,
+    and every restart calls init(id=..., resume="allow"), so crashes and requeues continue one W&B run."""
     import wandb
 
     w = cfg.logging.wandb
     id_file = out_dir / "wandb_id.txt"
-    run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+    if run_id is None:
+        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     id_file.write_text(run_id)
     return wandb.init(
         project=w.project,

@@ -8,34 +8,29 @@ from __future__ import annotations
 
 import functools
 import math
+import random
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.config import Config
+from launcher.checkpoint import CheckpointManager, TrainState
+from launcher.config import Config, ConfigError
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from launcher.metrics import MetricsWriter, log
 from launcher.model import load_tokenizer, param_counts
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.prepare import prepare_data, prepare_output_dir
+from launcher.stop import EXIT_STOPPED, StopRequest
 from launcher.strategies import make_strategy
 from launcher.strategies.base import Strategy
 
-
-@dataclass
-class TrainState:
-    """Counters that define where a run is; saved and restored like any other component."""
-
-    step: int = 0
-    samples: int = 0
-    tokens: int = 0
-    history: list[float] = field(default_factory=list)
+EXIT_OK = 0
 
 
 def total_steps(cfg: Config, sampler: GlobalBatchSampler) -> int:
@@ -134,8 +129,8 @@ def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: Globa
         )
 
 
-def run_training(cfg: Config) -> Path:
-    """`ftl train`: check inputs, start the group, build, train, evaluate, save final artifacts."""
+def run_training(cfg: Config) -> int:
+    """`ftl train`: check inputs, start the group, build, resume, train, save. Returns the exit code."""
     out_dir = prepare_output_dir(cfg)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
@@ -146,62 +141,118 @@ def run_training(cfg: Config) -> Path:
         shutdown(env)
 
 
-def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer) -> Path:
+def make_sampler(cfg: Config, env: DistEnv, data: DataSplits) -> GlobalBatchSampler:
     t = cfg.train
-    strategy = make_strategy(cfg, env)
-    model = strategy.build_model()
-    strategy.setup(model, functools.partial(build_optimizer, t))
     sampler = GlobalBatchSampler(len(data.train), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
     if sampler.steps_per_epoch == 0:
-        from launcher.config import ConfigError
-
         raise ConfigError(
             [
                 f"data.train: {len(data.train)} samples is less than one global batch "
-                f"({sampler.global_batch}); lower train.micro_batch_size or grad_accum"
+                f"({sampler.global_batch}); lower train.micro_batch_size or train.grad_accum"
             ]
         )
+    return sampler
+
+
+def start_or_resume(ckpt: CheckpointManager, strategy: Strategy, env: DistEnv, seed: int) -> TrainState:
+    """Load the checkpoint to resume from (if any); otherwise seed this rank's RNGs for a fresh run."""
+    path = ckpt.resume_path()
+    if path is not None:
+        return ckpt.load(strategy, path)
+    torch.manual_seed(seed + env.rank)
+    random.seed(seed + env.rank)
+    np.random.seed(seed + env.rank)
+    return TrainState()
+
+
+def optimizer_step(
+    strategy: Strategy,
+    data: DataSplits,
+    sampler: GlobalBatchSampler,
+    state: TrainState,
+    cfg: Config,
+    env: DistEnv,
+    steps: int,
+    pad_id: int,
+) -> dict[str, float]:
+    """Run optimizer step `state.step` on this rank's share of its global batch; advance the counters."""
+    t0 = time.perf_counter()
+    set_lr(strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, steps))
+    micro_ids = sampler.micro_batches(state.step, env.rank)
+    micro = [collate(data.train, ids, pad_id) for ids in micro_ids]
+    real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
+    loss, norm, tokens = train_step(strategy, micro, env, cfg.train.max_grad_norm, real)
+    state.step += 1
+    state.samples += sampler.global_batch
+    state.tokens += tokens
+    dt = time.perf_counter() - t0
+    return {
+        "step": state.step,
+        "loss": loss,
+        "lr": strategy.optimizer.param_groups[0]["lr"],
+        "grad_norm": norm,
+        "tokens": state.tokens,
+        "tokens_per_s": tokens / dt,
+        "step_time": dt,
+        "samples": state.samples,
+        "epoch": state.samples / len(data.train),
+    }
+
+
+def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:
+    t = cfg.train
+    strategy = make_strategy(cfg, env)
+    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, t))
+    sampler = make_sampler(cfg, env, data)
     steps = total_steps(cfg, sampler)
+    ckpt = CheckpointManager(cfg, env, strategy.name)
+    state = start_or_resume(ckpt, strategy, env, t.seed)
     describe_start(strategy, cfg, env, sampler, steps)
-    state = TrainState()
-    writer = MetricsWriter(cfg, out_dir, steps) if env.is_main else None
-    pad_id = tokenizer.pad_token_id
+    writer = MetricsWriter(cfg, out_dir, steps, state) if env.is_main else None
+    stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()
     while state.step < steps:
-        t0 = time.perf_counter()
-        set_lr(strategy.optimizer, t.lr * lr_factor(state.step, t, steps))
-        micro_ids = sampler.micro_batches(state.step, env.rank)
-        micro = [collate(data.train, ids, pad_id) for ids in micro_ids]
-        real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
-        loss, norm, tokens = train_step(strategy, micro, env, t.max_grad_norm, real)
-        state.step += 1
-        state.samples += sampler.global_batch
-        state.tokens += tokens
-        state.history.append(loss)
-        dt = time.perf_counter() - t0
+        row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, tokenizer.pad_token_id)
         if writer and (state.step % cfg.logging.every_steps == 0 or state.step == steps):
-            writer.write(
-                {
-                    "step": state.step,
-                    "loss": loss,
-                    "lr": strategy.optimizer.param_groups[0]["lr"],
-                    "grad_norm": norm,
-                    "tokens": state.tokens,
-                    "tokens_per_s": tokens / dt,
-                    "step_time": dt,
-                    "samples": state.samples,
-                    "epoch": state.samples / len(data.train),
-                }
-            )
+            if cfg.logging.sample_ids:
+                row["sample_ids"] = sampler.global_ids(state.step - 1).tolist()
+            writer.write(row)
         if data.eval is not None and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
-            metrics = evaluate(strategy, data.eval, cfg, env, pad_id)
+            metrics = evaluate(strategy, data.eval, cfg, env, tokenizer.pad_token_id)
             if writer:
                 writer.write({"step": state.step, **metrics})
+        stopping = stop.agreed() and state.step < steps
+        if stopping or (ckpt.due(state.step) and state.step < steps):
+            state.wandb_id = writer.wandb_id if writer else None
+            ckpt.save(strategy, state)
+        if stopping:
+            return stopped_early(writer, stop, state)
     final = save_final(strategy, tokenizer, out_dir, env)
+    report_peak_memory(env)
     if writer:
         writer.close()
-        log(f"done: {state.step} steps, final loss {np.mean(state.history[-5:]):.4f}; artifacts in {final}")
-    return final
+        log(f"done: {state.step} steps; artifacts in {final}")
+    return EXIT_OK
+
+
+def stopped_early(writer: MetricsWriter | None, stop: StopRequest, state: TrainState) -> int:
+    if writer:
+        writer.close()
+        log(f"stopped early at step {state.step} ({stop.reason}); checkpoint saved; exit code {EXIT_STOPPED}")
+    return EXIT_STOPPED
+
+
+def report_peak_memory(env: DistEnv) -> None:
+    """One line per rank: CUDA max allocated, or this process's max RSS on CPU."""
+    if env.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(env.device) / 2**20
+        what = "cuda max allocated"
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        what = "cpu max rss"
+    log(f"rank {env.rank}: peak memory {peak:.0f} MiB ({what})")
 
 
 def save_final(strategy: Strategy, tokenizer, out_dir: Path, env: DistEnv) -> Path:

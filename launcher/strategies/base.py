@@ -99,16 +99,39 @@ class Strategy(ABC):
             self.unwrapped.save_pretrained(directory, safe_serialization=True)
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Write model (trainable parameters only for LoRA/QLoRA) + optimizer state into `directory`.
+        """Write model (trainable parameters only: never a frozen base) + optimizer state into `directory`.
 
-        Called on EVERY rank with the same (temporary) directory; each rank writes only its own shard.
-        The checkpoint manager handles atomic rename, the completeness marker and trainer state.
+        Called on EVERY rank with the same (temporary) directory; each rank writes only its own shard. This
+        default is for unsharded strategies (single, DDP): rank 0 writes trainable weights as safetensors and
+        the optimizer / grad-scaler state with torch.save (tensors and numbers only). Sharded strategies
+        override it. The checkpoint manager handles atomic rename, the completeness marker and trainer state.
         """
-        raise NotImplementedError(f"{self.name}: checkpointing is not implemented")
+        if not self.env.is_main:
+            return
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {n: p.detach().contiguous().cpu() for n, p in self.iter_trainable()}
+        save_file(weights, directory / "trainable.safetensors")
+        extra = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {}}
+        torch.save(extra, directory / "optimizer.pt")
 
     def load_checkpoint(self, directory: Path) -> None:
         """Restore what save_checkpoint wrote (possibly by a different world size). Every rank calls it."""
-        raise NotImplementedError(f"{self.name}: checkpointing is not implemented")
+        from safetensors.torch import load_file
+
+        weights = load_file(directory / "trainable.safetensors")
+        params = dict(self.iter_trainable())
+        missing = set(params) - set(weights)
+        if missing:
+            raise RuntimeError(f"checkpoint {directory} lacks trainable parameters: {sorted(missing)[:5]}")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name].to(p.device, p.dtype))
+        extra = torch.load(directory / "optimizer.pt", weights_only=True, map_location=self.env.device)
+        self.optimizer.load_state_dict(extra["optimizer"])
+        if self.scaler and extra["scaler"]:
+            self.scaler.load_state_dict(extra["scaler"])
 
     def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return ((n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad)

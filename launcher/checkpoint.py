@@ -1,0 +1,245 @@
+"""Checkpoints that are either complete or ignored.
+
+Layout: CKPT_ROOT/step-00000040/ with
+  model/            the strategy's own sharded format (DCP, DeepSpeed engine, or safetensors + optimizer)
+  rng-rank{r}.pt    RNG states of rank r (tensors and plain numbers only; loaded with weights_only=True)
+  trainer_state.json step, samples, tokens, world size, strategy, W&B id, ftl version, config + hash
+  COMPLETE          written last, after everything else is fsynced, by rank 0
+
+Every rank writes into CKPT_ROOT/.step-00000040.tmp; after a barrier rank 0 fsyncs, renames the directory
+into place and writes COMPLETE. A directory without COMPLETE (killed mid-write) is never loaded, never
+counted as latest, and is cleaned up by the next save. Retention runs only after a checkpoint is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from launcher import __version__
+from launcher.config import Config, ConfigError
+from launcher.dist import DistEnv, barrier
+from launcher.metrics import log
+from launcher.strategies.base import Strategy
+
+MARKER = "COMPLETE"
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+# The checkpoint write pauses here (seconds) before the rename: tests use it to kill mid-write.
+SLOW_WRITE_ENV = "FTL_TEST_SLOW_CHECKPOINT_S"
+
+
+@dataclass
+class TrainState:
+    """Counters that define where a run is; saved and restored like any other component."""
+
+    step: int = 0
+    samples: int = 0
+    tokens: int = 0
+    wandb_id: str | None = None
+
+
+def config_hash(cfg: Config) -> str:
+    return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoint directories, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
+    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    done = complete_checkpoints(root)
+    return done[-1] if done else None
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with p.open("rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class CheckpointManager:
+    """Saves, finds, loads and prunes checkpoints of one run. Every rank holds one."""
+
+    def __init__(self, cfg: Config, env: DistEnv, strategy_name: str):
+        self.cfg = cfg
+        self.env = env
+        self.strategy_name = strategy_name
+        self.root = checkpoint_root(cfg)
+        self.last_save_time = time.monotonic()
+
+    def due(self, step: int) -> bool:
+        """Whether the cadence (every_steps / every_minutes) asks for a checkpoint after `step`."""
+        c = self.cfg.checkpoint
+        if c.every_steps and step % c.every_steps == 0:
+            return True
+        return bool(c.every_minutes) and time.monotonic() - self.last_save_time >= c.every_minutes * 60
+
+    def save(self, strategy: Strategy, state: TrainState) -> Path:
+        """Write a complete checkpoint for `state.step` (all ranks call this)."""
+        t0 = time.perf_counter()
+        final = self.root / f"step-{state.step:08d}"
+        tmp = self.root / f".step-{state.step:08d}.tmp"
+        if self.env.is_main:
+            self._remove_partial()
+            tmp.mkdir(parents=True)
+        barrier(self.env)
+        strategy.save_checkpoint(tmp / "model")
+        torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
+        if self.env.is_main:
+            (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(state), indent=1))
+        barrier(self.env)  # every rank has finished writing
+        if self.env.is_main:
+            if os.environ.get(SLOW_WRITE_ENV):
+                time.sleep(float(os.environ[SLOW_WRITE_ENV]))
+            _fsync_tree(tmp)
+            if final.exists():  # an earlier incomplete attempt at the same step
+                shutil.rmtree(final)
+            tmp.rename(final)
+            (final / MARKER).write_text(f"{state.step}\n")
+            _fsync_dir(final)
+            _fsync_dir(self.root)
+            size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
+            log(f"checkpoint step {state.step}: {final} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
+            self._prune()
+        barrier(self.env)
+        self.last_save_time = time.monotonic()
+        return final
+
+    def _trainer_state(self, state: TrainState) -> dict[str, Any]:
+        return {
+            **asdict(state),
+            "world_size": self.env.world_size,
+            "strategy": self.strategy_name,
+            "ftl_version": __version__,
+            "config_hash": config_hash(self.cfg),
+            "config": self.cfg.model_dump(mode="json"),
+            "time": time.time(),
+        }
+
+    def _remove_partial(self) -> None:
+        """Leftovers of a killed write: temp dirs and step dirs without the marker."""
+        if not self.root.is_dir():
+            return
+        for p in self.root.iterdir():
+            if p.name.startswith(".step-") or (STEP_DIR.match(p.name) and not (p / MARKER).exists()):
+                shutil.rmtree(p, ignore_errors=True)
+
+    def _prune(self) -> None:
+        """Keep the newest keep_last complete checkpoints (+ every keep_every-th step)."""
+        c = self.cfg.checkpoint
+        done = complete_checkpoints(self.root)
+        for p in done[: max(0, len(done) - c.keep_last)]:
+            step = int(STEP_DIR.match(p.name).group(1))
+            if c.keep_every and step % c.keep_every == 0:
+                continue
+            shutil.rmtree(p)
+
+    def resume_path(self) -> Path | None:
+        """What to resume from: the configured PATH, the latest complete checkpoint (auto), or nothing."""
+        resume = self.cfg.checkpoint.resume
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return latest_checkpoint(self.root)
+        path = Path(resume)
+        if not (path / MARKER).is_file():
+            raise ConfigError([f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)"])
+        return path
+
+    def load(self, strategy: Strategy, path: Path) -> TrainState:
+        """Restore model, optimizer, RNG and counters from `path` (all ranks)."""
+        saved = json.loads((path / "trainer_state.json").read_text())
+        self._check_compatible(saved)
+        strategy.load_checkpoint(path / "model")
+        rng_file = path / f"rng-rank{self.env.rank}.pt"
+        if rng_file.exists():  # absent when this run has more ranks than the one that saved
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        log_fn = log if self.env.is_main else (lambda _msg: None)
+        log_fn(f"resumed from {path} at step {saved['step']} (saved by {saved['world_size']} rank(s))")
+        return TrainState(
+            step=saved["step"], samples=saved["samples"], tokens=saved["tokens"], wandb_id=saved.get("wandb_id")
+        )
+
+    def _check_compatible(self, saved: dict[str, Any]) -> None:
+        from launcher.prepare import meaningful_changes
+
+        old, new = saved["config"], self.cfg.model_dump(mode="json")
+        problems = [
+            f"{k}: changed since the checkpoint ({_get(old, k)!r} -> {_get(new, k)!r}); it changes what the run means"
+            for k in meaningful_changes(old, new)
+        ]
+        t_old, t_new = old["train"], self.cfg.train
+        old_batch = t_old["micro_batch_size"] * t_old["grad_accum"] * saved["world_size"]
+        new_batch = t_new.micro_batch_size * t_new.grad_accum * self.env.world_size
+        if old_batch != new_batch:
+            problems.append(
+                f"train.micro_batch_size × train.grad_accum × world size: global batch {new_batch} "
+                f"differs from the checkpoint's {old_batch}"
+            )
+        if _family(saved["strategy"]) != _family(self.strategy_name):
+            problems.append(
+                f"distributed.strategy: checkpoint written by '{saved['strategy']}' cannot be "
+                f"loaded by '{self.strategy_name}'"
+            )
+        if problems:
+            raise ConfigError(problems)
+
+
+def _family(strategy: str) -> str:
+    return "torch" if strategy in ("single", "ddp") else strategy
+
+
+def _get(d: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        d = d.get(part, {}) if isinstance(d, dict) else {}
+    return d if d != {} else None
