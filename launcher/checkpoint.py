@@ -35,8 +35,8 @@ from launcher.strategies.base import Strategy
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-# The checkpoint write pauses here (seconds) before the rename: tests use it to kill mid-write.
-SLOW_WRITE_ENV = "FTL_TEST_SLOW_CHECKPOINT_S"
+# "STEP:SECONDS": the write of that step's checkpoint pauses before the rename (tests kill it mid-write).
+SLOW_WRITE_ENV = "FTL_TEST_SLOW_CHECKPOINT"
 
 
 @dataclass
@@ -139,8 +139,7 @@ class CheckpointManager:
             (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(state), indent=1))
         barrier(self.env)  # every rank has finished writing
         if self.env.is_main:
-            if os.environ.get(SLOW_WRITE_ENV):
-                time.sleep(float(os.environ[SLOW_WRITE_ENV]))
+            _pause_for_tests(state.step)
             _fsync_tree(tmp)
             if final.exists():  # an earlier incomplete attempt at the same step
                 shutil.rmtree(final)
@@ -233,6 +232,12 @@ class CheckpointManager:
             )
         if problems:
             raise ConfigError(problems)
+
+
+def _pause_for_tests(step: int) -> None:
+    spec = os.environ.get(SLOW_WRITE_ENV, "")
+    if spec and int(spec.split(":")[0]) == step:
+        time.sleep(float(spec.split(":")[1]))
 
 
 def _family(strategy: str) -> str:

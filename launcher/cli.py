@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if args.nproc > 1:
-        return spawn_local_ranks(args.nproc, [args.config, *args.overrides])
+        return spawn_local_ranks(args.nproc, [args.config, *args.overrides], cfg.checkpoint.stop_signals)
     from launcher.prepare import check_inputs
 
     check_inputs(cfg)  # before torch is even imported
@@ -75,7 +76,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_local_ranks(nproc: int, train_args: list[str]) -> int:
+def forward_signals(procs: list[subprocess.Popen], names: list[str]) -> None:
+    """A stop signal sent to `ftl train --nproc` (by SLURM, or a user) reaches every rank."""
+
+    def forward(signum: int, _frame: object) -> None:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    for name in names:
+        signal.signal(getattr(signal, name), forward)
+
+
+def spawn_local_ranks(nproc: int, train_args: list[str], stop_signals: list[str]) -> int:
     """Start nproc local ranks of `ftl train`; the exit code is the worst of theirs."""
     port = str(_free_port())
     procs = []
@@ -90,6 +103,7 @@ def spawn_local_ranks(nproc: int, train_args: list[str]) -> int:
             MASTER_PORT=port,
         )
         procs.append(subprocess.Popen([sys.executable, "-m", "launcher", "train", *train_args], env=env))
+    forward_signals(procs, stop_signals)
     codes = [p.wait() for p in procs]
     return max(codes, key=lambda c: (c != 0, abs(c)))
 

@@ -66,8 +66,13 @@ def build_model(out: Path, arch: str = "llama", vocab_size: int = 80, seed: int 
     import transformers as tf
 
     torch.manual_seed(seed)
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "vocab_size": vocab_size,
-             "initializer_range": 0.2}  # wide enough logits that adapters alone can move the loss
+    small = {
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 4,
+        "vocab_size": vocab_size,
+        "initializer_range": 0.2,
+    }  # wide enough logits that adapters alone can move the loss
     if arch == "llama":
         cfg = tf.LlamaConfig(
             num_hidden_layers=2,

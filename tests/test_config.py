@@ -38,8 +38,7 @@ def test_every_problem_is_reported_at_once(cfg_file: Path) -> None:
     [
         (["method.kind=full", "method.qlora.quant_type=nf4"], "method.qlora"),
         (["train.precision=fp16"], "train.precision"),
-        (["data.packing=true", "data.format=classification", "model.task=sequence_classification"],
-         "data.packing"),
+        (["data.packing=true", "data.format=classification", "model.task=sequence_classification"], "data.packing"),
         (["train.max_steps=null"], "train.max_steps / train.epochs"),
         (["model.task=sequence_classification"], "data.format"),
     ],

@@ -26,8 +26,11 @@ def _cfg(tmp_path: Path, model: Path, data: Path, **data_section) -> Config:
 def test_mask_prompt_labels_only_the_answer(models: dict, fmt: str) -> None:
     tok = AutoTokenizer.from_pretrained(models["llama"])
     row = reverse_rows(1, seed=3, fmt=fmt)[0]
-    answer = {"chat": lambda r: r["messages"][1]["content"], "alpaca": lambda r: r["output"],
-              "completion": lambda r: r["completion"]}[fmt](row)
+    answer = {
+        "chat": lambda r: r["messages"][1]["content"],
+        "alpaca": lambda r: r["output"],
+        "completion": lambda r: r["completion"],
+    }[fmt](row)
     masked = tokenize_rows([row], fmt, tok, 64, mask_prompt=True)
     ids, labels = masked.input_ids[0], masked.labels[0]
     trained = [int(i) for i, lab in zip(ids, labels) if lab != IGNORE]
@@ -67,7 +70,7 @@ def test_empty_after_filtering(tmp_path: Path, models: dict) -> None:
     tok = AutoTokenizer.from_pretrained(models["llama"])
     rows = [{"prompt": " ".join(["w1"] * 40), "completion": " w2"}] * 3
     cfg = _cfg(tmp_path, models["llama"], write_jsonl(tmp_path / "long.jsonl", rows), max_seq_len=16)
-    with pytest.raises(ConfigError, match="empty after filtering.*max_seq_len=16"):
+    with pytest.raises(ConfigError, match=r"empty after filtering.*max_seq_len=16"):
         tokenize_split(read_splits(cfg).train, cfg, tok, "data.train", build=True)
 
 

@@ -36,10 +36,14 @@ def _eval_loss_of(model: torch.nn.Module, tok_dir: Path, eval_file: Path) -> flo
 
 
 @pytest.mark.parametrize(("arch", "kind"), [("llama", "full"), ("qwen2", "lora"), ("gpt_neox", "lora")])
-def test_loss_falls_and_run_dir_is_complete(tmp_path: Path, models: dict, toy_data: dict, arch: str,
-                                            kind: str) -> None:
-    cfg = base_config(tmp_path, models[arch], toy_data["completion"], method={"kind": kind},
-                      train={"max_steps": 30, "lr": 3e-3 if kind == "full" else 1e-2, "warmup_steps": 2})
+def test_loss_falls_and_run_dir_is_complete(tmp_path: Path, models: dict, toy_data: dict, arch: str, kind: str) -> None:
+    cfg = base_config(
+        tmp_path,
+        models[arch],
+        toy_data["completion"],
+        method={"kind": kind},
+        train={"max_steps": 30, "lr": 3e-3 if kind == "full" else 1e-2, "warmup_steps": 2},
+    )
     run = _train(tmp_path, cfg)
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert [r["step"] for r in rows] == list(range(1, 31))
@@ -53,12 +57,12 @@ def test_loss_falls_and_run_dir_is_complete(tmp_path: Path, models: dict, toy_da
     assert (final / "tokenizer_config.json").is_file()
 
 
-def test_lora_adapter_reloads_and_reproduces_the_trained_model(tmp_path: Path, models: dict,
-                                                                toy_data: dict) -> None:
+def test_lora_adapter_reloads_and_reproduces_the_trained_model(tmp_path: Path, models: dict, toy_data: dict) -> None:
     from peft import PeftModel
 
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"},
-                      train={"max_steps": 6, "lr": 1e-2})
+    cfg = base_config(
+        tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"}, train={"max_steps": 6, "lr": 1e-2}
+    )
     cfg["data"]["eval"] = str(toy_data["completion"])
     run = _train(tmp_path, cfg)
     eval_rows = [r for r in read_metrics(run) if "eval_loss" in r]
@@ -84,8 +88,13 @@ def test_qlora_trains_4bit_and_merges(tmp_path: Path, models: dict, toy_data: di
     from launcher.export import merged_model
     from launcher.model import build_model
 
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"],
-                      method={"kind": "qlora", "qlora": {"compute_dtype": "float32"}}, train={"max_steps": 12, "lr": 1e-2})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "qlora", "qlora": {"compute_dtype": "float32"}},
+        train={"max_steps": 12, "lr": 1e-2},
+    )
     cfg["data"]["eval"] = str(toy_data["completion"])
     run = _train(tmp_path, cfg)
     conf = load_config(run / "config.yaml")
@@ -102,10 +111,15 @@ def test_qlora_trains_4bit_and_merges(tmp_path: Path, models: dict, toy_data: di
 
 
 def test_sequence_classification_reports_accuracy(tmp_path: Path, models: dict, toy_data: dict) -> None:
-    cfg = base_config(tmp_path, models["bert"], toy_data["classification"],
-                      model={"path": str(models["bert"]), "task": "sequence_classification"},
-                      data={"format": "classification", "eval_fraction": 0.25}, method={"kind": "full"},
-                      train={"max_steps": 8})
+    cfg = base_config(
+        tmp_path,
+        models["bert"],
+        toy_data["classification"],
+        model={"path": str(models["bert"]), "task": "sequence_classification"},
+        data={"format": "classification", "eval_fraction": 0.25},
+        method={"kind": "full"},
+        train={"max_steps": 8},
+    )
     run = _train(tmp_path, cfg)
     evals = [r for r in read_metrics(run) if "eval_loss" in r]
     assert evals and 0.0 <= evals[-1]["eval_accuracy"] <= 1.0
@@ -115,8 +129,12 @@ def test_sequence_classification_reports_accuracy(tmp_path: Path, models: dict, 
 
 def test_ddp_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path, models: dict, toy_data: dict) -> None:
     def run(sub: str, nproc: int, accum: int) -> Path:
-        cfg = base_config(tmp_path / sub, models["llama"], toy_data["completion"],
-                          train={"max_steps": 5, "micro_batch_size": 2, "grad_accum": accum, "lr": 1e-2})
+        cfg = base_config(
+            tmp_path / sub,
+            models["llama"],
+            toy_data["completion"],
+            train={"max_steps": 5, "micro_batch_size": 2, "grad_accum": accum, "lr": 1e-2},
+        )
         (tmp_path / sub).mkdir()
         return _train(tmp_path / sub, cfg, "distributed.strategy=" + ("ddp" if nproc else "single"), nproc=nproc)
 
@@ -130,14 +148,19 @@ def test_ddp_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path, models: 
 
 
 def test_gradient_checkpointing_and_bf16_run(tmp_path: Path, models: dict, toy_data: dict) -> None:
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"},
-                      train={"max_steps": 3})
+    cfg = base_config(
+        tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"}, train={"max_steps": 3}
+    )
     plain = _train(tmp_path, cfg, "output_dir=" + str(tmp_path / "plain"))
     ckpt = _train(tmp_path, cfg, "output_dir=" + str(tmp_path / "gc"), "train.gradient_checkpointing=true")
-    assert [r["loss"] for r in read_metrics(ckpt)] == pytest.approx([r["loss"] for r in read_metrics(plain)],
-                                                                    rel=1e-5)
-    bf16 = _train(tmp_path, cfg, "output_dir=" + str(tmp_path / "bf16"), "train.precision=bf16",
-                  "train.gradient_checkpointing=true")
+    assert [r["loss"] for r in read_metrics(ckpt)] == pytest.approx([r["loss"] for r in read_metrics(plain)], rel=1e-5)
+    bf16 = _train(
+        tmp_path,
+        cfg,
+        "output_dir=" + str(tmp_path / "bf16"),
+        "train.precision=bf16",
+        "train.gradient_checkpointing=true",
+    )
     losses = [r["loss"] for r in read_metrics(bf16)]
     assert all(0 < x < 10 for x in losses)
     assert losses != [r["loss"] for r in read_metrics(plain)]  # autocast really changed the arithmetic
@@ -153,8 +176,13 @@ def test_output_dir_of_another_config_is_never_reused(tmp_path: Path, models: di
 
 
 def test_wandb_offline_logs_the_run(tmp_path: Path, models: dict, toy_data: dict) -> None:
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], train={"max_steps": 2},
-                      logging={"wandb": {"enabled": True, "mode": "offline", "project": "t"}})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        train={"max_steps": 2},
+        logging={"wandb": {"enabled": True, "mode": "offline", "project": "t"}},
+    )
     run = _train(tmp_path, cfg)
     run_id = (run / "wandb_id.txt").read_text().strip()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -1,0 +1,86 @@
+"""Drive real `ftl train` processes: run straight, kill -9 at a chosen moment, resume, compare."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from helpers import ROOT, read_metrics
+from safetensors.torch import load_file
+
+
+def start(cfg_path: Path, *overrides: str, nproc: int = 0, env: dict[str, str] | None = None) -> subprocess.Popen:
+    full_env = dict(os.environ, **(env or {}))
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        full_env.pop(key, None)
+    args = [sys.executable, "-m", "launcher", "train", str(cfg_path), *overrides]
+    args += ["--nproc", str(nproc)] if nproc else []
+    return subprocess.Popen(
+        args,
+        cwd=ROOT,
+        env=full_env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out
+
+
+def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended before the condition: {proc.communicate()[0][-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.05)
+
+
+def logged_step(run: Path, step: int) -> Callable[[], bool]:
+    def cond() -> bool:
+        path = run / "metrics.jsonl"
+        if not path.exists():
+            return False
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+        return any(r.get("step", 0) >= step and "loss" in r for r in rows)
+
+    return cond
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    final = run / "final"
+    files = list(final.glob("*.safetensors"))
+    assert files, f"no safetensors in {final}"
+    out: dict[str, torch.Tensor] = {}
+    for f in files:
+        out.update(load_file(f))
+    return out
+
+
+def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

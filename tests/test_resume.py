@@ -1,0 +1,160 @@
+"""Resume is boring: kill -9 anywhere, restart the same command, get the same run (single and DDP)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from helpers import base_config, ftl, read_metrics, write_config
+from resume_utils import final_weights, finish, kill_group, logged_step, losses, max_weight_diff, start, wait_for
+
+from launcher.stop import EXIT_STOPPED
+
+STEPS = 8
+
+
+def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str, **extra: dict) -> Path:
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+        train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
+        checkpoint={"every_steps": 2, "keep_last": 2},
+        logging={"sample_ids": True},
+        **extra,
+    )
+    return write_config(tmp_path / f"{kind}.yaml", cfg)
+
+
+def _straight(cfg: Path, out: Path, *overrides: str, nproc: int = 0) -> Path:
+    code, log = finish(start(cfg, f"output_dir={out}", *overrides, nproc=nproc))
+    assert code == 0, log[-3000:]
+    return out
+
+
+@pytest.mark.parametrize(
+    ("kind", "strategy", "nproc"),
+    [("full", "single", 0), ("lora", "single", 0), ("lora", "ddp", 2), ("full", "ddp", 2)],
+)
+def test_kill_and_resume_is_exact(
+    tmp_path: Path, models: dict, toy_data: dict, kind: str, strategy: str, nproc: int
+) -> None:
+    cfg = _config(tmp_path, models, toy_data, kind)
+    extra = [f"distributed.strategy={strategy}"]
+    ref = _straight(cfg, tmp_path / "straight", *extra, nproc=nproc)
+    run = tmp_path / "killed"
+    proc = start(cfg, f"output_dir={run}", *extra, nproc=nproc)
+    wait_for(logged_step(run, 5), proc)  # step 4's checkpoint is complete; step 5 is logged but not saved
+    kill_group(proc)
+    code, log = finish(start(cfg, f"output_dir={run}", *extra, nproc=nproc))
+    assert code == 0, log[-3000:]
+    assert "resumed from" in log and "at step 4" in log
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == list(range(1, STEPS + 1))  # each step exactly once (rows after step 4 dropped)
+    assert [got[s] for s in range(5, STEPS + 1)] == pytest.approx([want[s] for s in range(5, STEPS + 1)], rel=1e-6)
+    assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-6
+    ids = lambda r: [x["sample_ids"] for x in read_metrics(r) if "sample_ids" in x]  # noqa: E731
+    assert ids(run) == ids(ref)  # the data order continued exactly; nothing replayed or skipped
+
+
+def test_kill_during_checkpoint_write_uses_previous(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora")
+    ref = _straight(cfg, tmp_path / "straight")
+    run = tmp_path / "killed"
+    proc = start(cfg, f"output_dir={run}", env={"FTL_TEST_SLOW_CHECKPOINT": "4:60"})
+    partial = run / "checkpoints" / ".step-00000004.tmp"
+    wait_for(lambda: (partial / "trainer_state.json").exists(), proc)
+    time.sleep(0.5)
+    kill_group(proc)
+    assert not (run / "checkpoints" / "step-00000004").exists()
+    code, log = finish(start(cfg, f"output_dir={run}"))
+    assert code == 0, log[-3000:]
+    assert "at step 2" in log  # the half-written step 4 was ignored
+    assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-6
+    assert not partial.exists()  # cleaned up by the next save
+
+
+def test_sigusr1_to_one_rank_stops_all_with_a_checkpoint(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 0})
+    run = tmp_path / "run"
+    proc = start(cfg, f"output_dir={run}", "train.max_steps=400", "distributed.strategy=ddp", nproc=2)
+    wait_for(logged_step(run, 2), proc)
+    ranks = psutil.Process(proc.pid).children()
+    assert len(ranks) == 2
+    ranks[1].send_signal(signal.SIGUSR1)
+    code, log = finish(proc)
+    assert code == EXIT_STOPPED, log[-3000:]
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists()
+    step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
+    assert step < 400 and max(losses(run)) <= step + 1
+    assert "stopped early" in log
+
+
+def test_stop_file_and_retention(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 1, "keep_last": 2, "keep_every": 3})
+    run = _straight(cfg, tmp_path / "run")
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["step-00000003", "step-00000006", "step-00000007"]
+    (run / "STOP").write_text("")
+    code, log = finish(start(cfg, f"output_dir={run}", "train.max_steps=12"))
+    assert code == EXIT_STOPPED and "stop file" in log  # a harmless change (max_steps) resumed, then stopped
+
+
+def test_config_change_on_resume(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora")
+    run = tmp_path / "run"
+    proc = start(cfg, f"output_dir={run}")
+    wait_for(logged_step(run, 3), proc)
+    kill_group(proc)
+    res = ftl("train", str(cfg), f"output_dir={run}", "method.lora.r=4")
+    assert res.returncode == 2 and "method.lora.r" in res.stderr
+    res = ftl("train", str(cfg), f"output_dir={run}", "train.micro_batch_size=4")
+    assert res.returncode == 2 and "global batch" in res.stderr
+    res = ftl("train", str(cfg), f"output_dir={run}", "logging.every_steps=2", "train.grad_accum=1")
+    assert res.returncode == 0 and "resumed from" in res.stderr
+
+
+def test_lora_checkpoint_holds_only_the_adapter(tmp_path: Path, toy_data: dict) -> None:
+    import transformers as tf
+    from helpers import build_tokenizer
+
+    big = tmp_path / "big"
+    shape = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 4}
+    tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, vocab_size=80, **shape)).save_pretrained(big)
+    build_tokenizer(big)
+    cfg = base_config(
+        tmp_path,
+        big,
+        toy_data["completion"],
+        method={"kind": "lora", "lora": {"r": 4}},
+        train={"max_steps": 2},
+        checkpoint={"every_steps": 1},
+    )
+    res = ftl("train", str(write_config(tmp_path / "c.yaml", cfg)))
+    assert res.returncode == 0, res.stderr[-3000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000001"
+    size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
+    base = sum(p.stat().st_size for p in big.glob("*.safetensors"))
+    assert size < 0.15 * base, (size, base)  # adapter + its optimizer state, never the frozen base
+    assert "checkpoint step 1:" in res.stderr and "MiB" in res.stderr  # the size is reported
+
+
+def test_wandb_offline_continues_the_same_run(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora", logging={"wandb": {"enabled": True, "project": "t"}})
+    run = tmp_path / "run"
+    proc = start(cfg, f"output_dir={run}", env={"WANDB_SILENT": "true"})
+    wait_for(logged_step(run, 5), proc)
+    kill_group(proc)
+    code, log = finish(start(cfg, f"output_dir={run}"))
+    assert code == 0, log[-3000:]
+    run_id = (run / "wandb_id.txt").read_text().strip()
+    saved_id = json.loads((run / "checkpoints" / "step-00000006" / "trainer_state.json").read_text())["wandb_id"]
+    dirs = sorted((run / "wandb").glob("offline-run-*"))
+    assert saved_id == run_id and len(dirs) == 2
+    assert all(d.name.endswith(f"-{run_id}") for d in dirs)  # two processes, one W&B run id
