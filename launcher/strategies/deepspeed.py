@@ -198,8 +198,14 @@ class DeepSpeedStrategy(Strategy):
         """DeepSpeed's own sharded checkpoint (frozen base weights excluded) + a small ftl metadata file.
 
         Every rank calls it with the same directory."""
+        from deepspeed.checkpoint import constants as c
+
         directory = Path(directory)
-        self.engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state={}, exclude_frozen_parameters=True)
+        # ds_to_universal wants this marker in ZeRO-1/2 checkpoints to convert them for another world size.
+        marker = {
+            c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
+        }
+        self.engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state=marker, exclude_frozen_parameters=True)
         if self.env.is_main:
             meta = {"world_size": self.env.world_size, "zero_stage": self.stage, "tag": CKPT_TAG}
             (directory / CKPT_META).write_text(json.dumps(meta) + "\n")
