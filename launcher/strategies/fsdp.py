@@ -115,6 +115,8 @@ class FSDPStrategy(Strategy):
         self._full_weights: dict[str, torch.Tensor] | None = None  # rank 0's weights, until broadcast
         self._on_meta = False
         self._reported = False
+        # On a CPU run everything already lives in CPU memory (and CPUOffloadPolicy needs an accelerator).
+        self._offload = cfg.distributed.fsdp_cpu_offload and env.device.type != "cpu"
 
     # --- building and wrapping -------------------------------------------------------------------------
     def quant_storage(self) -> torch.dtype:
@@ -148,7 +150,7 @@ class FSDPStrategy(Strategy):
             "mesh": init_device_mesh(self.env.device.type, (dist.get_world_size(),)),
             "reshard_after_forward": d.fsdp_reshard_after_forward,
             "mp_policy": mp,
-            "offload_policy": CPUOffloadPolicy() if d.fsdp_cpu_offload else OffloadPolicy(),
+            "offload_policy": CPUOffloadPolicy() if self._offload else OffloadPolicy(),
         }
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
@@ -176,8 +178,7 @@ class FSDPStrategy(Strategy):
     def _broadcast_from_rank0(self, model: nn.Module) -> None:
         """Give meta ranks real storage, then rank 0's weights (parameters and all buffers)."""
         if self._on_meta:
-            offload = self.cfg.distributed.fsdp_cpu_offload
-            model.to_empty(device=torch.device("cpu") if offload else self.env.device)
+            model.to_empty(device=torch.device("cpu") if self._offload else self.env.device)
             for module in model.modules():
                 for key, buf in module._buffers.items():
                     if buf is not None:

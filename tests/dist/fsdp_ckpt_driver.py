@@ -1,0 +1,59 @@
+"""Drives FSDPStrategy.save_checkpoint / load_checkpoint directly, on whatever world size started it.
+
+    python fsdp_ckpt_driver.py CONFIG save|load WORKDIR [dotted.key=value ...]
+
+save: train steps 1-4, writing a DCP checkpoint to WORKDIR/ckpt after step 2.
+load: load WORKDIR/ckpt, then train steps 3-4.
+Rank 0 writes the losses of the steps it ran (WORKDIR/{phase}.json) and the gathered final weights
+(WORKDIR/{phase}.pt), so the test can compare a resumed run with an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from launcher.checkpoint import TrainState
+from launcher.config import load_config
+from launcher.dist import init_distributed, shutdown
+from launcher.model import load_tokenizer
+from launcher.optim import build_optimizer
+from launcher.prepare import prepare_data
+from launcher.strategies import make_strategy
+from launcher.trainer import make_sampler, optimizer_step
+
+STEPS, SAVE_AT = 4, 2
+
+
+def main(config: str, phase: str, work: Path, overrides: list[str]) -> None:
+    """Run one phase (see the module docstring)."""
+    cfg = load_config(config, overrides)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    env = init_distributed(cfg.distributed.timeout_minutes)
+    strategy = make_strategy(cfg, env)
+    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, cfg.train))
+    sampler = make_sampler(cfg, env, data)
+    state = TrainState()
+    if phase == "load":
+        strategy.load_checkpoint(work / "ckpt")
+        state.step = SAVE_AT
+    losses = []
+    while state.step < STEPS:
+        row = optimizer_step(strategy, data, sampler, state, cfg, env, STEPS, tokenizer.pad_token_id)
+        losses.append(row["loss"])
+        if phase == "save" and state.step == SAVE_AT:
+            strategy.save_checkpoint(work / "ckpt")
+    weights = strategy.full_state_dict()
+    if env.is_main:
+        (work / f"{phase}.json").write_text(json.dumps(losses))
+        torch.save(weights, work / f"{phase}.pt")
+    shutdown(env)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:])

@@ -1,0 +1,180 @@
+"""`distributed.strategy: fsdp` on real 2-rank CPU/gloo process groups: sharding, numerics, QLoRA, mixed
+precision, DCP checkpoints across world sizes, gathered Hugging Face export."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import ROOT, base_config, ftl, read_metrics, reverse_rows, write_config, write_jsonl
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.slow
+DRIVER = Path(__file__).with_name("fsdp_ckpt_driver.py")
+
+
+def _train(tmp: Path, cfg: dict, *overrides: str, nproc: int = 0) -> Path:
+    """Run `ftl train` (2 ranks when nproc=2) and return its output_dir."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = {**cfg, "output_dir": str(tmp / "run")}
+    path = write_config(tmp / "cfg.yaml", cfg)
+    res = ftl("train", str(path), *overrides, *(["--nproc", str(nproc)] if nproc else []))
+    assert res.returncode == 0, res.stderr[-4000:]
+    return tmp / "run"
+
+
+def _losses(run: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run) if "loss" in r]
+
+
+def _numel(state: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() for t in state.values())
+
+
+def _assert_sharded(run: Path, total: int, trainable: int) -> None:
+    """Each of 2 ranks holds about half the parameters and half the AdamW state (2 tensors per param)."""
+    ranks = json.loads((run / "sharding.json").read_text())["ranks"]
+    assert len(ranks) == 2
+    for r in ranks:
+        assert r["params"] == pytest.approx(total / 2, rel=0.03), (r, total)
+        assert r["optimizer_state"] == pytest.approx(trainable, rel=0.03), (r, trainable)
+    assert sum(r["params"] for r in ranks) == pytest.approx(total, rel=0.01)
+
+
+def test_full_fsdp_is_sharded_and_matches_single_with_accumulation(tmp_path: Path, models: dict,
+                                                                   toy_data: dict) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"],
+                      train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2})
+    ref = _train(tmp_path / "one", cfg, "distributed.strategy=single", "train.grad_accum=4")
+    run = _train(tmp_path / "two", cfg, "distributed.strategy=fsdp", "train.grad_accum=2", nproc=2)
+    assert _losses(run) == pytest.approx(_losses(ref), rel=1e-4)
+    norms = [[r["grad_norm"] for r in read_metrics(d) if "loss" in r] for d in (ref, run)]
+    assert norms[1] == pytest.approx(norms[0], rel=1e-4)  # gradients are summed, not averaged
+    a = AutoModelForCausalLM.from_pretrained(ref / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(run / "final").state_dict()
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    assert json.loads((run / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    _assert_sharded(run, total=_numel(a), trainable=_numel(a))
+
+
+def _eval_loss(model: torch.nn.Module, tok_dir: Path, eval_file: Path) -> float:
+    """Mean per-token loss of `model` on the eval file, tokenised the way the trainer does."""
+    from transformers import AutoTokenizer
+
+    from launcher.data import collate
+    from launcher.data.tokenized import tokenize_rows
+    from launcher.trainer import loss_sum
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    rows = [json.loads(x) for x in eval_file.read_text().splitlines()]
+    samples = tokenize_rows(rows, "completion", tok, 64, mask_prompt=True)
+    total = 0.0
+    with torch.no_grad():
+        for i in range(0, len(samples), 4):
+            batch = collate(samples, range(i, min(i + 4, len(samples))), tok.pad_token_id)
+            total += float(loss_sum(model.eval(), batch)[0])
+    return total / samples.num_label_tokens
+
+
+def test_lora_fsdp_matches_single_and_the_adapter_reloads(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    eval_file = write_jsonl(tmp_path / "eval.jsonl", reverse_rows(8, seed=7))
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"},
+                      data={"eval": str(eval_file)}, train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2})
+    ref = _train(tmp_path / "one", cfg, "distributed.strategy=single", "train.grad_accum=2")
+    run = _train(tmp_path / "two", cfg, "distributed.strategy=fsdp", nproc=2)
+    assert _losses(run) == pytest.approx(_losses(ref), rel=1e-4)
+    a = load_file(ref / "final" / "adapter_model.safetensors")
+    b = load_file(run / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all("lora_" in k for k in b)
+    assert all(t.dtype == torch.float32 for t in b.values())
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    base = AutoModelForCausalLM.from_pretrained(models["llama"])
+    total = _numel(base.state_dict()) + _numel(b)
+    reloaded = PeftModel.from_pretrained(base, run / "final")
+    trained_eval = [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r][-1]
+    assert _eval_loss(reloaded, models["llama"], eval_file) == pytest.approx(trained_eval, rel=1e-5)
+    _assert_sharded(run, total=total, trainable=_numel(b))
+
+
+def test_qlora_fsdp_bf16_with_checkpointing_trains(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "qlora"},
+                      train={"max_steps": 8, "micro_batch_size": 2, "lr": 2e-2, "schedule": "constant",
+                             "precision": "bf16", "gradient_checkpointing": True})
+    run = _train(tmp_path, cfg, "distributed.strategy=fsdp", nproc=2)
+    losses = _losses(run)
+    assert len(losses) == 8 and all(math.isfinite(x) and x > 0.1 for x in losses)
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
+    adapter = load_file(run / "final" / "adapter_model.safetensors")
+    assert max(float(t.abs().max()) for k, t in adapter.items() if "lora_B" in k) > 0  # B starts at zero
+    ranks = json.loads((run / "sharding.json").read_text())["ranks"]
+    assert ranks[0]["optimizer_state"] == ranks[1]["optimizer_state"] == _numel(adapter)
+
+
+def test_full_fsdp_bf16_mixed_precision_with_checkpointing(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = base_config(tmp_path, models["qwen2"], toy_data["completion"],
+                      train={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "precision": "bf16",
+                             "gradient_checkpointing": True})
+    run = _train(tmp_path, cfg, "distributed.strategy=fsdp", nproc=2)
+    losses = _losses(run)
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    weights = load_file(run / "final" / "model.safetensors")
+    assert all(t.dtype == torch.float32 for t in weights.values())  # sharded master weights stay fp32
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _drive(nproc: int, config: Path, phase: str, work: Path, *overrides: str) -> None:
+    """Run the checkpoint driver on nproc ranks (a plain process when 1)."""
+    port, procs = str(_free_port()), []
+    for rank in range(nproc):
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+        if nproc > 1:
+            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=port)
+        args = [sys.executable, str(DRIVER), str(config), phase, str(work), *overrides]
+        procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: dict, toy_data: dict,
+                                                       kind: str) -> None:
+    from torch.distributed.checkpoint import FileSystemReader
+
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": kind},
+                      train={"micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
+                      distributed={"strategy": "fsdp"})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    _drive(2, path, "save", tmp_path, "train.grad_accum=1")
+    _drive(1, path, "load", tmp_path, "train.grad_accum=2")
+    saved, loaded = (json.loads((tmp_path / f"{p}.json").read_text()) for p in ("save", "load"))
+    assert len(saved) == 4 and loaded == pytest.approx(saved[2:], rel=1e-5)
+    a, b = (torch.load(tmp_path / f"{p}.pt") for p in ("save", "load"))
+    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
+    keys = FileSystemReader(str(tmp_path / "ckpt")).read_metadata().state_dict_metadata
+    model_keys = [k for k in keys if k.startswith("model.")]
+    assert any(k.startswith("optimizer.state.") for k in keys)
+    if kind == "lora":  # trainable parameters only
+        assert model_keys and all("lora_" in k for k in model_keys)
+    else:
+        assert len(model_keys) == len(a)
