@@ -48,12 +48,14 @@ def _assert_sharded(run: Path, total: int, trainable: int) -> None:
     assert sum(r["params"] for r in ranks) == pytest.approx(total, rel=0.01)
 
 
-def test_full_fsdp_is_sharded_and_matches_single_with_accumulation(tmp_path: Path, models: dict,
-                                                                   toy_data: dict) -> None:
+def test_full_fsdp_is_sharded_and_matches_single_with_accumulation(
+    tmp_path: Path, models: dict, toy_data: dict
+) -> None:
     from transformers import AutoModelForCausalLM
 
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"],
-                      train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2})
+    cfg = base_config(
+        tmp_path, models["llama"], toy_data["completion"], train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2}
+    )
     ref = _train(tmp_path / "one", cfg, "distributed.strategy=single", "train.grad_accum=4")
     run = _train(tmp_path / "two", cfg, "distributed.strategy=fsdp", "train.grad_accum=2", nproc=2)
     assert _losses(run) == pytest.approx(_losses(ref), rel=1e-4)
@@ -91,8 +93,14 @@ def test_lora_fsdp_matches_single_and_the_adapter_reloads(tmp_path: Path, models
     from transformers import AutoModelForCausalLM
 
     eval_file = write_jsonl(tmp_path / "eval.jsonl", reverse_rows(8, seed=7))
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"},
-                      data={"eval": str(eval_file)}, train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "lora"},
+        data={"eval": str(eval_file)},
+        train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2},
+    )
     ref = _train(tmp_path / "one", cfg, "distributed.strategy=single", "train.grad_accum=2")
     run = _train(tmp_path / "two", cfg, "distributed.strategy=fsdp", nproc=2)
     assert _losses(run) == pytest.approx(_losses(ref), rel=1e-4)
@@ -110,9 +118,20 @@ def test_lora_fsdp_matches_single_and_the_adapter_reloads(tmp_path: Path, models
 
 
 def test_qlora_fsdp_bf16_with_checkpointing_trains(tmp_path: Path, models: dict, toy_data: dict) -> None:
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "qlora"},
-                      train={"max_steps": 8, "micro_batch_size": 2, "lr": 2e-2, "schedule": "constant",
-                             "precision": "bf16", "gradient_checkpointing": True})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "qlora"},
+        train={
+            "max_steps": 8,
+            "micro_batch_size": 2,
+            "lr": 2e-2,
+            "schedule": "constant",
+            "precision": "bf16",
+            "gradient_checkpointing": True,
+        },
+    )
     run = _train(tmp_path, cfg, "distributed.strategy=fsdp", nproc=2)
     losses = _losses(run)
     assert len(losses) == 8 and all(math.isfinite(x) and x > 0.1 for x in losses)
@@ -124,9 +143,12 @@ def test_qlora_fsdp_bf16_with_checkpointing_trains(tmp_path: Path, models: dict,
 
 
 def test_full_fsdp_bf16_mixed_precision_with_checkpointing(tmp_path: Path, models: dict, toy_data: dict) -> None:
-    cfg = base_config(tmp_path, models["qwen2"], toy_data["completion"],
-                      train={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "precision": "bf16",
-                             "gradient_checkpointing": True})
+    cfg = base_config(
+        tmp_path,
+        models["qwen2"],
+        toy_data["completion"],
+        train={"max_steps": 4, "micro_batch_size": 2, "lr": 1e-2, "precision": "bf16", "gradient_checkpointing": True},
+    )
     run = _train(tmp_path, cfg, "distributed.strategy=fsdp", nproc=2)
     losses = _losses(run)
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
@@ -147,23 +169,29 @@ def _drive(nproc: int, config: Path, phase: str, work: Path, *overrides: str) ->
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
         if nproc > 1:
-            env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1",
-                       MASTER_PORT=port)
+            env.update(
+                RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
+            )
         args = [sys.executable, str(DRIVER), str(config), phase, str(work), *overrides]
-        procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        procs.append(
+            subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        )
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
-def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: dict, toy_data: dict,
-                                                       kind: str) -> None:
+def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": kind},
-                      train={"micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
-                      distributed={"strategy": "fsdp"})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": kind},
+        train={"micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
+        distributed={"strategy": "fsdp"},
+    )
     path = write_config(tmp_path / "cfg.yaml", cfg)
     _drive(2, path, "save", tmp_path, "train.grad_accum=1")
     _drive(1, path, "load", tmp_path, "train.grad_accum=2")
