@@ -197,6 +197,7 @@ class CheckpointManager:
 
     def load(self, strategy: Strategy, path: Path) -> TrainState:
         """Restore model, optimizer, RNG and counters from `path` (all ranks)."""
+        t0 = time.perf_counter()
         saved = json.loads((path / "trainer_state.json").read_text())
         self._check_compatible(saved)
         strategy.load_checkpoint(path / "model")
@@ -204,7 +205,10 @@ class CheckpointManager:
         if rng_file.exists():  # absent when this run has more ranks than the one that saved
             set_rng_state(torch.load(rng_file, weights_only=True))
         log_fn = log if self.env.is_main else (lambda _msg: None)
-        log_fn(f"resumed from {path} at step {saved['step']} (saved by {saved['world_size']} rank(s))")
+        log_fn(
+            f"resumed from {path} at step {saved['step']} (saved by {saved['world_size']} rank(s); "
+            f"loaded in {time.perf_counter() - t0:.2f}s)"
+        )
         return TrainState(
             step=saved["step"], samples=saved["samples"], tokens=saved["tokens"], wandb_id=saved.get("wandb_id")
         )

@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 
-from launcher.config import ConfigError, load_config
+from launcher.config import Config, ConfigError, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
@@ -32,6 +32,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("run_dir")
     e.add_argument("--out", required=True)
     e.add_argument("--merge", action="store_true", help="fold LoRA/QLoRA adapters into the base weights")
+    e.add_argument("--checkpoint", help="export checkpoints/step-N (any strategy, consolidated offline)")
     return p
 
 
@@ -42,8 +43,21 @@ def _problems(err: ConfigError) -> int:
     return EXIT_BAD_INPUT
 
 
+def resolved_config(args: argparse.Namespace) -> Config:
+    """File + overrides + what the process launcher asked for; every problem at once (exit 2)."""
+    from launcher.launch_env import apply_launcher_env
+
+    cfg, notes = apply_launcher_env(load_config(args.config, args.overrides))
+    if notes and int(os.environ.get("RANK", "0")) == 0:
+        from launcher.metrics import log
+
+        for note in notes:
+            log(f"from the launcher: {note}")
+    return cfg
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolved_config(args)
     from launcher.prepare import check_inputs
 
     check_inputs(cfg)
@@ -52,7 +66,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config, args.overrides)
+    cfg = resolved_config(args)
     if args.nproc > 1:
         return spawn_local_ranks(args.nproc, [args.config, *args.overrides], cfg.checkpoint.stop_signals)
     from launcher.prepare import check_inputs
@@ -66,7 +80,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_run
 
-    export_run(args.run_dir, args.out, merge=args.merge)
+    export_run(args.run_dir, args.out, merge=args.merge, checkpoint=args.checkpoint)
     return EXIT_OK
 
 

@@ -6,7 +6,9 @@ against), in the QLoRA compute dtype, so the merged model reproduces the trained
 
 from __future__ import annotations
 
+import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -49,16 +51,83 @@ def merged_model(cfg: Config, adapter_dir: Path) -> nn.Module:
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def export_run(run_dir: str, out: str, merge: bool = False, source: Path | None = None) -> Path:
-    """Write the run's final model (or `source`, a consolidated checkpoint directory) to `out`."""
+def _dcp_model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors from an FSDP2 DCP checkpoint, in one process, no process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(model_dir))
+    meta = reader.read_metadata().state_dict_metadata
+    model = {
+        k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
+    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model
+
+
+def _zero_model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights consolidated from DeepSpeed ZeRO shards (trainable parameters for adapter runs)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from launcher.strategies.deepspeed import CKPT_TAG
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag=CKPT_TAG, exclude_frozen_parameters=True)
+
+
+def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The trained tensors of a complete checkpoint of any strategy, consolidated on CPU."""
+    strategy = json.loads((ckpt / "trainer_state.json").read_text())["strategy"]
+    if strategy in ("single", "ddp"):
+        from safetensors.torch import load_file
+
+        return load_file(ckpt / "model" / "trainable.safetensors")
+    if strategy == "fsdp":
+        return _dcp_model_weights(ckpt / "model")
+    return _zero_model_weights(ckpt / "model")
+
+
+def checkpoint_to_hf(cfg: Config, ckpt: Path, out: Path) -> Path:
+    """Rebuild the model, load a checkpoint's trained tensors into it, and save it like `final/`."""
+    from launcher.checkpoint import MARKER
+    from launcher.model import build_model
+
+    if not (ckpt / MARKER).is_file():
+        raise ConfigError([f"--checkpoint: {ckpt} is not a complete checkpoint (no {MARKER} marker)"])
+    weights = checkpoint_weights(ckpt)
+    model = build_model(cfg, torch.device("cpu"))
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    missing = [n for n in trainable if n not in weights]
+    if missing:
+        raise ConfigError([f"--checkpoint: {ckpt} lacks {len(missing)} trained tensors, e.g. {missing[0]}"])
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name].to(p.dtype))
+    model.save_pretrained(out, safe_serialization=True)
+    load_tokenizer(cfg).save_pretrained(out)
+    return out
+
+
+def export_run(run_dir: str, out: str, merge: bool = False, checkpoint: str | None = None) -> Path:
+    """Write the run's final model (or a checkpoint, consolidated offline) to `out`."""
     run = Path(run_dir)
     if not (run / "config.yaml").is_file():
         raise ConfigError([f"run_dir: {run} has no config.yaml (is it an ftl output_dir?)"])
     cfg = load_config(run / "config.yaml")
-    src = source or run / "final"
+    if checkpoint:
+        from launcher.checkpoint import checkpoint_root
+
+        ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else checkpoint_root(cfg) / checkpoint
+        with tempfile.TemporaryDirectory() as tmp:
+            source = checkpoint_to_hf(cfg, ckpt, Path(tmp) / "model")
+            return _write_export(cfg, source, Path(out), merge)
+    return _write_export(cfg, run / "final", Path(out), merge)
+
+
+def _write_export(cfg: Config, src: Path, dest: Path, merge: bool) -> Path:
     if not src.is_dir():
         raise ConfigError([f"run_dir: {src} does not exist (the run has not finished; export a checkpoint)"])
-    dest = Path(out)
     if dest.exists() and any(dest.iterdir()):
         raise ConfigError([f"--out: {dest} exists and is not empty; choose a new directory"])
     adapters = cfg.method.kind in ("lora", "qlora")

@@ -11,6 +11,7 @@ import psutil
 import pytest
 from helpers import base_config, ftl, read_metrics, write_config
 from resume_utils import final_weights, finish, kill_group, logged_step, losses, max_weight_diff, start, wait_for
+from safetensors.torch import load_file
 
 from launcher.stop import EXIT_STOPPED
 
@@ -18,16 +19,12 @@ STEPS = 8
 
 
 def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str, **extra: dict) -> Path:
-    cfg = base_config(
-        tmp_path,
-        models["llama"],
-        toy_data["completion"],
-        method={"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
-        train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
-        checkpoint={"every_steps": 2, "keep_last": 2},
-        logging={"sample_ids": True},
-        **extra,
-    )
+    sections = {"method": {"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+                "train": {"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
+                "checkpoint": {"every_steps": 2, "keep_last": 2}, "logging": {"sample_ids": True}}
+    for name, values in extra.items():
+        sections[name] = {**sections.get(name, {}), **values}
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], **sections)
     return write_config(tmp_path / f"{kind}.yaml", cfg)
 
 
@@ -158,3 +155,18 @@ def test_wandb_offline_continues_the_same_run(tmp_path: Path, models: dict, toy_
     dirs = sorted((run / "wandb").glob("offline-run-*"))
     assert saved_id == run_id and len(dirs) == 2
     assert all(d.name.endswith(f"-{run_id}") for d in dirs)  # two processes, one W&B run id
+
+
+def test_export_from_a_checkpoint_equals_the_final_model(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 2})
+    const = ["train.schedule=constant", "train.warmup_steps=0"]
+    long = _straight(cfg, tmp_path / "long", *const, "train.max_steps=4")
+    short = _straight(cfg, tmp_path / "short", *const, "train.max_steps=2")
+    res = ftl("export", str(long), "--checkpoint", "step-00000002", "--out", str(tmp_path / "exp"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    adapter = lambda d: load_file(d / "adapter_model.safetensors")  # noqa: E731
+    exported, final = adapter(tmp_path / "exp"), adapter(short / "final")
+    assert exported.keys() == final.keys()
+    assert max(float((exported[k] - final[k]).abs().max()) for k in final) <= 1e-6
+    res = ftl("export", str(long), "--checkpoint", "step-00000002", "--merge", "--out", str(tmp_path / "merged"))
+    assert res.returncode == 0 and (tmp_path / "merged" / "model.safetensors").is_file()
