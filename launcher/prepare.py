@@ -21,7 +21,9 @@ from launcher.data import tokenize_split as _tokenize
 from launcher.data.tokenized import cache_dir
 from launcher.dist import env_world
 
-# Fields that may change between runs in one output_dir without changing what the run means.
+# Fields that may change between runs in one output_dir without changing what the run means. The split of
+# the global batch into micro-batches, accumulation and ranks may change too: resume checks the product, and
+# a checkpoint written by another strategy family is refused when it is loaded.
 HARMLESS_PREFIXES = (
     "output_dir",
     "logging.",
@@ -30,7 +32,9 @@ HARMLESS_PREFIXES = (
     "train.epochs",
     "train.eval_every",
     "train.eval_batches",
-    "distributed.timeout_minutes",
+    "train.micro_batch_size",
+    "train.grad_accum",
+    "distributed.",
 )
 
 

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# The CUDA path on one GPU in <= 8 minutes: bf16 full FT, LoRA, QLoRA, FSDP2, ZeRO-3 on a ~0.55B Llama.
+# Prints a table of tokens/s, peak memory and MFU. Needs torch (CUDA), transformers, peft, bitsandbytes,
+# deepspeed, pydantic; installs ftl itself from this checkout without touching the image's torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+python3 -m pip install -q --no-deps -e . 2>/dev/null || export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export WANDB_MODE=disabled HF_HUB_OFFLINE=1
+timeout 480 python3 scripts/gpu_check.py "$@"
