@@ -15,7 +15,6 @@ import contextlib
 import datetime
 import json
 import os
-import resource
 import shutil
 import socket
 import subprocess
@@ -36,6 +35,7 @@ from launcher.strategies.ds_config import build_ds_config, check_deepspeed_confi
 
 CKPT_TAG = "state"
 CKPT_META = "ftl_deepspeed.json"
+SHARDING_FILE = "sharding.json"
 
 
 def init_deepspeed_dist(env: DistEnv, timeout_minutes: float) -> None:
@@ -82,6 +82,7 @@ class DeepSpeedStrategy(Strategy):
         self.engine: Any = None
         self.ds_config: dict[str, Any] = {}
         self.adapters = cfg.method.kind in ("lora", "qlora")
+        self._reported = False
 
     def build_model(self) -> nn.Module:
         """The model on every rank (ZeRO-3 partitions it in setup); QLoRA under ZeRO-3 stores 4-bit in floats."""
@@ -131,12 +132,17 @@ class DeepSpeedStrategy(Strategy):
                 f"train.grad_accum={self.cfg.train.grad_accum} backward() calls per step"
             )
         self.engine.step()
+        if not self._reported:
+            self._reported = True
+            self.report_sharding()
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
     def local_numel(self) -> tuple[int, int]:
-        """(parameter elements this rank holds: ZeRO-3 counts its partitions; optimizer-state elements)."""
-        params = sum(p.partition_numel() if hasattr(p, "ds_tensor") else p.numel() for p in self.unwrapped.parameters())
+        """(parameter elements this rank holds, optimizer-state elements this rank holds).
+
+        ZeRO-3 counts each parameter's partition (persistent small parameters count in full)."""
+        params = sum(_held(p) for p in self.unwrapped.parameters())
         state = sum(
             t.numel() for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0
         )
@@ -166,30 +172,27 @@ class DeepSpeedStrategy(Strategy):
     def save_pretrained(self, directory: Path) -> None:
         """Rank 0 writes a Hugging Face directory (PEFT: the adapter only); every rank must call it."""
         state = self._trainable_state_dict() if self.adapters else self.full_state_dict()
-        self._write_sharding_report()
         if self.env.is_main:
             self.unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
 
-    def _write_sharding_report(self) -> None:
-        """OUTPUT_DIR/deepspeed_sharding.json: per-rank held params, optimizer state and peak RSS (after training)."""
+    def report_sharding(self) -> None:
+        """Every rank's held parameter and optimizer-state elements → OUTPUT_DIR/sharding.json and the log
+        (after the first step, when the optimizer state exists). Every rank must call it."""
         params, state = self.local_numel()
-        mine = {"params": params, "optimizer_state": state, "peak_rss_mb": _peak_rss_mb()}
-        ranks = [mine]
+        ranks: list[Any] = [{"params": params, "optimizer_state": state}]
         if dist.is_initialized() and self.env.world_size > 1:
             ranks = [None] * self.env.world_size
-            dist.all_gather_object(ranks, mine)
+            dist.all_gather_object(ranks, {"params": params, "optimizer_state": state})
         if not self.env.is_main:
             return
-        total = sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrapped.parameters())
-        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in self.unwrapped.parameters() if p.requires_grad)
+        numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.unwrapped.parameters()]
+        total, trainable = sum(n for n, _ in numel), sum(n for n, t in numel if t)
         report = {**self.describe(), "total_params": total, "trainable_params": trainable, "ranks": ranks}
         out = Path(self.cfg.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "deepspeed_sharding.json").write_text(json.dumps(report, indent=2) + "\n")
-        log(
-            f"deepspeed: zero_stage={self.stage} offload={self.offload} total={total:,} trainable={trainable:,} "
-            + " ".join(f"rank{i}: held={r['params']:,} optim={r['optimizer_state']:,}" for i, r in enumerate(ranks))
-        )
+        if out.is_dir():
+            (out / SHARDING_FILE).write_text(json.dumps(report, indent=1) + "\n")
+        held = " ".join(f"rank{i}: held={r['params']:,} optim={r['optimizer_state']:,}" for i, r in enumerate(ranks))
+        log(f"deepspeed: zero_stage={self.stage} offload={self.offload} total={total:,} trainable={trainable:,} {held}")
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "zero_stage": self.stage, "offload": self.offload}
@@ -260,6 +263,8 @@ class DeepSpeedStrategy(Strategy):
         return out
 
 
-def _peak_rss_mb() -> float:
-    """Peak resident memory of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def _held(p: nn.Parameter) -> int:
+    """Elements of `p` this rank keeps between uses: its ZeRO-3 partition, or all of it."""
+    if not hasattr(p, "ds_tensor"):
+        return p.numel()
+    return p.ds_numel if getattr(p, "ds_persist", False) else p.partition_numel()
