@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 
 from launcher.config import Config, ConfigError
 from launcher.dist import DistEnv
+from launcher.metrics import log
 from launcher.model import DTYPES
 from launcher.strategies.base import OptimizerFactory, Strategy
 
@@ -50,18 +51,22 @@ def ensure_process_group(env: DistEnv) -> None:
 
 
 def wrap_class_names(model: nn.Module, configured: list[str] | None) -> set[str]:
-    """Module classes sharded as one unit each: the configured names, else the model's `_no_split_modules`."""
+    """Module classes sharded as one unit each: the configured names, else the model's `_no_split_modules`,
+    else the element class of its longest nn.ModuleList (the repeated transformer blocks)."""
     present = {type(m).__name__ for m in model.modules()}
-    names = set(configured or getattr(model, "_no_split_modules", None) or [])
     if configured:
-        missing = sorted(names - present)
+        missing = sorted(set(configured) - present)
         if missing:
             raise ConfigError([f"distributed.fsdp_wrap: no module of class {missing} in this model"])
-    names &= present
+        return set(configured)
+    names = set(getattr(model, "_no_split_modules", None) or []) & present
+    if not names:
+        lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        names = {type(b).__name__ for b in max(lists, key=len)} if lists else set()
     if not names:
         raise ConfigError(
             [
-                "distributed.fsdp_wrap: the model names no transformer block class (_no_split_modules); "
+                "distributed.fsdp_wrap: found no transformer block class in this model; "
                 "set distributed.fsdp_wrap to its block class, e.g. [LlamaDecoderLayer]"
             ]
         )
@@ -155,6 +160,8 @@ class FSDPStrategy(Strategy):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
         """Shard every block, then the root; fill meta ranks from rank 0; optimizer over local shards."""
+        if self.cfg.distributed.fsdp_cpu_offload and not self._offload and self.env.is_main:
+            log("distributed.fsdp_cpu_offload: ignored, this run is on CPU (everything is in CPU memory already)")
         kwargs = self._shard_kwargs()
         names = wrap_class_names(model, self.cfg.distributed.fsdp_wrap)
         blocks = [m for m in model.modules() if type(m).__name__ in names and m is not model]

@@ -1,11 +1,12 @@
 """Drives FSDPStrategy.save_checkpoint / load_checkpoint directly, on whatever world size started it.
 
-    python fsdp_ckpt_driver.py CONFIG save|load WORKDIR [dotted.key=value ...]
+    python fsdp_ckpt_driver.py CONFIG save|load WORKDIR KIND[,KIND...] [dotted.key=value ...]
 
-save: train steps 1-4, writing a DCP checkpoint to WORKDIR/ckpt after step 2.
-load: load WORKDIR/ckpt, then train steps 3-4.
-Rank 0 writes the losses of the steps it ran (WORKDIR/{phase}.json) and the gathered final weights
-(WORKDIR/{phase}.pt), so the test can compare a resumed run with an uninterrupted one.
+For each method.kind (one process start serves several: imports dominate on small CPUs):
+save: train steps 1-4, writing a DCP checkpoint to WORKDIR/KIND/ckpt after step 2.
+load: load WORKDIR/KIND/ckpt, then train steps 3-4.
+Rank 0 writes the losses of the steps it ran (WORKDIR/KIND/{phase}.json) and the gathered final weights
+(WORKDIR/KIND/{phase}.pt), so the test can compare a resumed run with an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ from launcher.trainer import make_sampler, optimizer_step
 STEPS, SAVE_AT = 4, 2
 
 
-def main(config: str, phase: str, work: Path, overrides: list[str]) -> None:
-    """Run one phase (see the module docstring)."""
+def run_phase(config: str, phase: str, work: Path, overrides: list[str]) -> None:
+    """One phase for one config (see the module docstring)."""
     cfg = load_config(config, overrides)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
@@ -50,10 +51,13 @@ def main(config: str, phase: str, work: Path, overrides: list[str]) -> None:
             strategy.save_checkpoint(work / "ckpt")
     weights = strategy.full_state_dict()
     if env.is_main:
+        work.mkdir(parents=True, exist_ok=True)
         (work / f"{phase}.json").write_text(json.dumps(losses))
         torch.save(weights, work / f"{phase}.pt")
-    shutdown(env)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:])
+    config, phase, root, kinds, *extra = sys.argv[1:]
+    for kind in kinds.split(","):
+        run_phase(config, phase, Path(root) / kind, [*extra, f"method.kind={kind}"])
+    shutdown(init_distributed(30))

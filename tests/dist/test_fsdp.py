@@ -162,7 +162,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _drive(nproc: int, config: Path, phase: str, work: Path, *overrides: str) -> None:
+def _drive(nproc: int, config: Path, phase: str, work: Path, kinds: str, *overrides: str) -> None:
     """Run the checkpoint driver on nproc ranks (a plain process when 1)."""
     port, procs = str(_free_port()), []
     for rank in range(nproc):
@@ -172,7 +172,7 @@ def _drive(nproc: int, config: Path, phase: str, work: Path, *overrides: str) ->
             env.update(
                 RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
             )
-        args = [sys.executable, str(DRIVER), str(config), phase, str(work), *overrides]
+        args = [sys.executable, str(DRIVER), str(config), phase, str(work), kinds, *overrides]
         procs.append(
             subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         )
@@ -180,29 +180,29 @@ def _drive(nproc: int, config: Path, phase: str, work: Path, *overrides: str) ->
     assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> None:
+def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: dict, toy_data: dict) -> None:
     from torch.distributed.checkpoint import FileSystemReader
 
     cfg = base_config(
         tmp_path,
         models["llama"],
         toy_data["completion"],
-        method={"kind": kind},
         train={"micro_batch_size": 2, "lr": 1e-2, "schedule": "constant"},
         distributed={"strategy": "fsdp"},
     )
     path = write_config(tmp_path / "cfg.yaml", cfg)
-    _drive(2, path, "save", tmp_path, "train.grad_accum=1")
-    _drive(1, path, "load", tmp_path, "train.grad_accum=2")
-    saved, loaded = (json.loads((tmp_path / f"{p}.json").read_text()) for p in ("save", "load"))
-    assert len(saved) == 4 and loaded == pytest.approx(saved[2:], rel=1e-5)
-    a, b = (torch.load(tmp_path / f"{p}.pt") for p in ("save", "load"))
-    assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
-    keys = FileSystemReader(str(tmp_path / "ckpt")).read_metadata().state_dict_metadata
-    model_keys = [k for k in keys if k.startswith("model.")]
-    assert any(k.startswith("optimizer.state.") for k in keys)
-    if kind == "lora":  # trainable parameters only
-        assert model_keys and all("lora_" in k for k in model_keys)
-    else:
-        assert len(model_keys) == len(a)
+    _drive(2, path, "save", tmp_path, "full,lora", "train.grad_accum=1")
+    _drive(1, path, "load", tmp_path, "full,lora", "train.grad_accum=2")
+    for kind in ("full", "lora"):
+        work = tmp_path / kind
+        saved, loaded = (json.loads((work / f"{p}.json").read_text()) for p in ("save", "load"))
+        assert len(saved) == 4 and loaded == pytest.approx(saved[2:], rel=1e-5), kind
+        a, b = (torch.load(work / f"{p}.pt") for p in ("save", "load"))
+        assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5, kind
+        keys = FileSystemReader(str(work / "ckpt")).read_metadata().state_dict_metadata
+        model_keys = [k for k in keys if k.startswith("model.")]
+        assert any(k.startswith("optimizer.state.") for k in keys)
+        if kind == "lora":  # trainable parameters only
+            assert model_keys and all("lora_" in k for k in model_keys)
+        else:
+            assert len(model_keys) == len(a)
