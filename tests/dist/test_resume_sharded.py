@@ -1,0 +1,76 @@
+"""Exact resume and world-size changes for the sharded strategies (2 real ranks on gloo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import base_config, write_config
+from resume_utils import finish, final_weights, kill_group, logged_step, losses, max_weight_diff, start, wait_for
+
+pytestmark = pytest.mark.slow
+STEPS = 8
+STRATEGY = {"fsdp": ["distributed.strategy=fsdp"],
+            "zero2": ["distributed.strategy=deepspeed", "distributed.zero_stage=2"],
+            "zero3": ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]}
+
+
+def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> Path:
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"],
+                      method={"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+                              "qlora": {"compute_dtype": "float32"}},
+                      train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
+                      checkpoint={"every_steps": 2, "keep_last": 2}, logging={"sample_ids": True})
+    return write_config(tmp_path / f"{kind}.yaml", cfg)
+
+
+def _run(cfg: Path, out: Path, overrides: list[str], nproc: int) -> str:
+    code, log = finish(start(cfg, f"output_dir={out}", *overrides, nproc=nproc))
+    assert code == 0, log[-4000:]
+    return log
+
+
+def _kill_after(cfg: Path, out: Path, overrides: list[str], nproc: int, step: int) -> None:
+    proc = start(cfg, f"output_dir={out}", *overrides, nproc=nproc)
+    wait_for(logged_step(out, step), proc)
+    kill_group(proc)
+
+
+@pytest.mark.parametrize(("strategy", "kind"), [("fsdp", "full"), ("fsdp", "lora"), ("zero2", "full"),
+                                                ("zero2", "lora"), ("zero3", "full"), ("zero3", "lora"),
+                                                ("fsdp", "qlora"), ("zero3", "qlora")])
+def test_kill_and_resume_is_exact(tmp_path: Path, models: dict, toy_data: dict, strategy: str, kind: str) -> None:
+    cfg, extra = _config(tmp_path, models, toy_data, kind), STRATEGY[strategy]
+    ref = tmp_path / "straight"
+    _run(cfg, ref, extra, 2)
+    run = tmp_path / "killed"
+    _kill_after(cfg, run, extra, 2, step=5)
+    log = _run(cfg, run, extra, 2)
+    assert "at step 4" in log
+    got, want = losses(run), losses(ref)
+    assert sorted(got) == list(range(1, STEPS + 1))
+    assert [got[s] for s in range(5, STEPS + 1)] == pytest.approx([want[s] for s in range(5, STEPS + 1)], rel=1e-6)
+    assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-6
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_resume_on_another_world_size(tmp_path: Path, models: dict, toy_data: dict, strategy: str) -> None:
+    """2 ranks × micro 2 → 1 rank × micro 2 × accum 2 (same global batch), and 1 → 2 likewise."""
+    cfg, extra = _config(tmp_path, models, toy_data, "lora"), STRATEGY[strategy]
+    ref = tmp_path / "straight"
+    _run(cfg, ref, extra, 2)
+    down = tmp_path / "down"
+    _kill_after(cfg, down, extra, 2, step=5)
+    log = _run(cfg, down, [*extra, "train.grad_accum=2"], 0)
+    assert "at step 4" in log and "saved by 2 rank(s)" in log
+    up = tmp_path / "up"
+    _kill_after(cfg, up, [*extra, "train.grad_accum=2"], 0, step=5)
+    log = _run(cfg, up, extra, 2)
+    assert "at step 4" in log and "saved by 1 rank(s)" in log
+    want = losses(ref)
+    for run in (down, up):
+        got = losses(run)
+        assert sorted(got) == list(range(1, STEPS + 1))
+        assert [got[s] for s in range(5, STEPS + 1)] == pytest.approx([want[s] for s in range(5, STEPS + 1)],
+                                                                      rel=1e-4)
+        assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-4
