@@ -42,6 +42,21 @@ def env_world() -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def slurm_master_addr() -> str | None:
+    """Under srun without MASTER_ADDR: the first host of the job's node list."""
+    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodes or "SLURM_PROCID" not in os.environ:
+        return None
+    import subprocess
+
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    hosts = out.stdout.split()
+    return hosts[0] if hosts else None
+
+
 def init_distributed(timeout_minutes: float) -> DistEnv:
     """Join the process group when the world has more than one rank; pick the device."""
     rank, world, local_rank = env_world()
@@ -50,8 +65,8 @@ def init_distributed(timeout_minutes: float) -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
+        os.environ.setdefault("MASTER_ADDR", slurm_master_addr() or "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
