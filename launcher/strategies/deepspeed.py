@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import json
 import os
 import shutil
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -248,19 +248,37 @@ class DeepSpeedStrategy(Strategy):
         """Rank 0 converts `directory` to a universal checkpoint (once); every rank gets its path."""
         out = directory.parent / f".{directory.name}.universal"
         done = out / "ftl_converted"
+        error = ""
         if self.env.is_main and not done.exists():
             shutil.rmtree(out, ignore_errors=True)
-            cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder"]
-            cmd += [str(directory / CKPT_TAG), "--output_folder", str(out / CKPT_TAG)]
-            cmd += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
-            res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if res.returncode != 0:
-                raise RuntimeError(f"deepspeed: ds_to_universal failed on {directory}:\n{res.stderr[-3000:]}")
-            done.write_text("ok\n")
-            log(f"deepspeed: converted {directory} to a universal checkpoint in {out}")
-        if dist.is_initialized():
-            dist.barrier()
+            try:
+                convert_to_universal(directory / CKPT_TAG, out / CKPT_TAG)
+                done.write_text("ok\n")
+                log(f"deepspeed: converted {directory} to a universal checkpoint in {out}")
+            except Exception as exc:  # every rank raises, none waits on a barrier forever
+                error = f"{type(exc).__name__}: {exc}"
+        if dist.is_initialized() and self.env.world_size > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise RuntimeError(f"deepspeed: converting {directory} to a universal checkpoint failed: {error}")
         return out
+
+
+def convert_to_universal(src: Path, dst: Path) -> None:
+    """deepspeed.checkpoint.ds_to_universal on one tag directory, in this process (its own defaults, 1 worker)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    argv = ["ds_to_universal", "--input_folder", str(src), "--output_folder", str(dst)]
+    argv += ["--num_extract_workers", "1", "--num_merge_workers", "1"]
+    saved, sys.argv = sys.argv, argv
+    try:
+        args = ds_to_universal.parse_arguments()
+    finally:
+        sys.argv = saved
+    with contextlib.redirect_stdout(io.StringIO()):  # progress prints
+        ds_to_universal.main(args)
 
 
 def _held(p: nn.Parameter) -> int:

@@ -44,8 +44,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(nproc: int, logs: Path, *args: str, timeout: int = 900) -> None:
-    """Run this file as the driver on nproc ranks (a plain process when 1); fail with the logs' tails."""
+def _launch(nproc: int, logs: Path, *jobs: str, timeout: int = 900) -> None:
+    """Run this file as the driver on nproc ranks (a plain process when 1) over `jobs` (train=CFG, save=CFG,
+    resume=CFG, in order); fail with the logs' tails."""
     logs.mkdir(parents=True, exist_ok=True)
     port, procs, files = str(_free_port()), [], []
     for rank in range(nproc):
@@ -54,9 +55,9 @@ def _launch(nproc: int, logs: Path, *args: str, timeout: int = 900) -> None:
         if nproc > 1:
             env.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1")
             env["MASTER_PORT"] = port
-        out = (logs / f"{'-'.join(a for a in args[:2] if '/' not in a)}-{nproc}-rank{rank}.log").open("w")
+        out = (logs / f"world{nproc}-rank{rank}.log").open("w")
         files.append(out)
-        cmd = [sys.executable, str(THIS), *args]
+        cmd = [sys.executable, str(THIS), *jobs]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
@@ -125,19 +126,13 @@ def _sharding(run: Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, models: dict, toy_data: dict) -> dict[str, Path]:
-    """The 1-rank references (one launch) and every 2-rank DeepSpeed config (one launch): name → run dir."""
-    tmp = tmp_path_factory.mktemp("ds")
-    refs = [_cfg(tmp, f"ref-{kind}", models, toy_data, kind) for kind in ("full", "lora")]
-    matrix = [_ds_cfg(tmp, f"{name}-{kind}", models, toy_data, kind) for name in MATRIX for kind in ("full", "lora")]
-    # A user JSON ("auto" sizes, stage 3): partition even the tiny 4-bit weights (persistence threshold 0)
+def _qlora_cfg(tmp: Path, models: dict, toy_data: dict) -> Path:
+    """QLoRA from a user JSON ("auto" sizes, stage 3) that partitions even the tiny 4-bit weights."""
     user = tmp / "qlora_ds.json"
     zero = {"stage": 3, "stage3_param_persistence_threshold": 0, "reduce_bucket_size": "auto"}
-    user.write_text(
-        json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0, "zero_optimization": zero})
-    )
-    qlora = _cfg(
+    ds = {"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": 1.0, "zero_optimization": zero}
+    user.write_text(json.dumps(ds))
+    return _cfg(
         tmp,
         "qlora-zero3",
         models,
@@ -147,9 +142,31 @@ def runs(tmp_path_factory: pytest.TempPathFactory, models: dict, toy_data: dict)
         method={"kind": "qlora", "qlora": {"compute_dtype": "float32"}, "lora": {"r": 8, "dropout": 0.0}},
         train={"micro_batch_size": 2, "grad_accum": 1, "max_steps": 6, "lr": 2e-2, "schedule": "constant"},
     )
-    _launch(1, tmp / "logs", "train", *map(str, refs))
-    _launch(2, tmp / "logs", "train", *map(str, [*matrix, qlora]))
-    return {p.stem: tmp / p.stem for p in [*refs, *matrix, qlora]}
+
+
+def _ckpt_cfgs(tmp: Path, models: dict, toy_data: dict) -> tuple[list[Path], list[Path]]:
+    """ZeRO-3 LoRA (frozen base excluded) and ZeRO-2 full: 2-rank save configs and their 1-rank resume configs."""
+    two, one = [], []
+    for name, kind, stage in (("ckpt_z3-lora", "lora", 3), ("ckpt_z2-full", "full", 2)):
+        for world, accum, out in ((2, 1, two), (1, 2, one)):
+            dist = {"strategy": "deepspeed", "zero_stage": stage}
+            train = {"micro_batch_size": 2, "grad_accum": accum, "max_steps": 4}
+            out.append(_cfg(tmp, f"{name}-{world}", models, toy_data, kind, distributed=dist, train=train))
+    return two, one
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, models: dict, toy_data: dict) -> dict[str, Path]:
+    """Every 2-rank run (one launch), then the 1-rank references and checkpoint resumes (one launch):
+    name → run dir. Ranks cost seconds of imports each, so each launch runs many configs."""
+    tmp = tmp_path_factory.mktemp("ds")
+    refs = [_cfg(tmp, f"ref-{kind}", models, toy_data, kind) for kind in ("full", "lora")]
+    matrix = [_ds_cfg(tmp, f"{name}-{kind}", models, toy_data, kind) for name in MATRIX for kind in ("full", "lora")]
+    qlora = _qlora_cfg(tmp, models, toy_data)
+    save, resume = _ckpt_cfgs(tmp, models, toy_data)
+    _launch(2, tmp / "logs", *[f"train={p}" for p in [*matrix, qlora]], *[f"save={p}" for p in save])
+    _launch(1, tmp / "logs", *[f"train={p}" for p in refs], *[f"resume={p}" for p in resume])
+    return {p.stem: tmp / p.stem for p in [*refs, *matrix, qlora, *save, *resume]}
 
 
 # ----------------------------------------------------------------------------------------- tests
@@ -303,47 +320,26 @@ def test_config_checks_without_a_process(tmp_path: Path) -> None:
         build_ds_config(mine, world_size=4)
 
 
-def test_checkpoints_resume_on_the_same_and_a_smaller_world(tmp_path: Path, models: dict, toy_data: dict) -> None:
+def test_checkpoints_resume_on_the_same_and_a_smaller_world(runs: dict[str, Path]) -> None:
     """save at step 2 on 2 ranks → steps 3-4; reload on those ranks → same losses; 1 rank loads it through a
     universal checkpoint (ftl converts) and reproduces them too. ZeRO-3 LoRA (frozen base excluded) and ZeRO-2."""
-    two, one = [], []
-    for name, kind, stage in (("z3-lora", "lora", 3), ("z2-full", "full", 2)):
-        for world, accum, out in ((2, 1, two), (1, 2, one)):
-            out.append(
-                _cfg(
-                    tmp_path,
-                    f"{name}-{world}",
-                    models,
-                    toy_data,
-                    kind,
-                    distributed={"strategy": "deepspeed", "zero_stage": stage},
-                    train={"micro_batch_size": 2, "grad_accum": accum, "max_steps": 4},
-                )
-            )
-    _launch(2, tmp_path / "logs", "ckpt", "save", *map(str, two))
-    _launch(1, tmp_path / "logs", "ckpt", "resume", *map(str, one))
-    for a, b in zip(two, one):
-        saved = json.loads((tmp_path / a.stem / "ckpt.json").read_text())
-        resumed = json.loads((tmp_path / b.stem / "ckpt.json").read_text())
-        assert saved["reloaded"] == pytest.approx(saved["after"], rel=1e-5), a.stem
-        assert resumed["resumed"] == pytest.approx(saved["after"], rel=1e-5), a.stem
-        meta = json.loads((tmp_path / a.stem / "ckpt" / "ftl_deepspeed.json").read_text())
-        assert meta["world_size"] == 2 and (tmp_path / a.stem / ".ckpt.universal").is_dir()
+    for name in ("ckpt_z3-lora", "ckpt_z2-full"):
+        two, one = runs[f"{name}-2"], runs[f"{name}-1"]
+        saved = json.loads((two / "ckpt.json").read_text())
+        resumed = json.loads((one / "ckpt.json").read_text())
+        assert len(saved["after"]) == 2 and saved["after"] != saved["before"]
+        assert saved["reloaded"] == pytest.approx(saved["after"], rel=1e-5), name
+        assert resumed["resumed"] == pytest.approx(saved["after"], rel=1e-5), name
+        assert json.loads((two / "ckpt" / "ftl_deepspeed.json").read_text())["world_size"] == 2
+        assert (two / ".ckpt.universal" / "ftl_converted").is_file()
+        if "lora" in name:  # the frozen base is not in the checkpoint (our own file: a pickle is fine here)
+            import torch
+
+            states = torch.load(next((two / "ckpt").rglob("*model_states.pt")), weights_only=False)
+            assert states["module"] and all("lora_" in k for k in states["module"]), list(states["module"])[:5]
 
 
 # ----------------------------------------------------------------------------------------- the driver
-def _train_all(configs: list[str]) -> int:
-    """`ftl train CFG` for each config in these ranks, keeping the process group between runs."""
-    import launcher.trainer as trainer
-    from launcher.cli import main
-    from launcher.dist import DistEnv, shutdown
-
-    trainer.shutdown = lambda env: None
-    code = max(main(["train", c]) for c in configs)
-    shutdown(DistEnv(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
-    return code
-
-
 def _steps(strategy: Any, data: Any, sampler: Any, cfg: Any, env: Any, pad: int, start: int, stop: int) -> list[float]:
     """Losses of optimizer steps start+1..stop (of a 4-step schedule)."""
     from launcher.checkpoint import TrainState
@@ -353,47 +349,61 @@ def _steps(strategy: Any, data: Any, sampler: Any, cfg: Any, env: Any, pad: int,
     return [optimizer_step(strategy, data, sampler, state, cfg, env, 4, pad)["loss"] for _ in range(start, stop)]
 
 
-def _ckpt_all(phase: str, configs: list[str]) -> int:
-    """save: steps 1-2, save, steps 3-4 (after), load, steps 3-4 again (reloaded). resume: load, steps 3-4."""
+def _checkpoint_job(phase: str, config: str) -> None:
+    """save: steps 1-2, save, steps 3-4 (after), load, steps 3-4 again (reloaded).
+    resume: load the matching 2-rank run's checkpoint, steps 3-4 (resumed). Rank 0 writes OUTPUT_DIR/ckpt.json."""
     import functools
 
     from launcher.config import load_config
-    from launcher.dist import init_distributed, shutdown
+    from launcher.dist import init_distributed
     from launcher.model import load_tokenizer
     from launcher.optim import build_optimizer
     from launcher.prepare import prepare_data
     from launcher.strategies import make_strategy
     from launcher.trainer import make_sampler
 
-    for config in configs:
-        cfg = load_config(config)
-        tokenizer = load_tokenizer(cfg)
-        data = prepare_data(cfg, tokenizer)
-        env = init_distributed(cfg.distributed.timeout_minutes)
-        strategy = make_strategy(cfg, env)
-        strategy.setup(strategy.build_model(), functools.partial(build_optimizer, cfg.train))
-        sampler, pad = make_sampler(cfg, env, data), tokenizer.pad_token_id
-        strategy.model.train()
+    cfg = load_config(config)
+    tokenizer = load_tokenizer(cfg)
+    data = prepare_data(cfg, tokenizer)
+    env = init_distributed(cfg.distributed.timeout_minutes)
+    strategy = make_strategy(cfg, env)
+    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, cfg.train))
+    strategy.model.train()
+    steps = functools.partial(_steps, strategy, data, make_sampler(cfg, env, data), cfg, env, tokenizer.pad_token_id)
+    run = Path(cfg.output_dir)
+    out: dict[str, list[float]] = {}
+    if phase == "save":
+        out["before"] = steps(0, 2)
+        strategy.save_checkpoint(run / "ckpt")
+        out["after"] = steps(2, 4)
+        strategy.load_checkpoint(run / "ckpt")
+        out["reloaded"] = steps(2, 4)
+    else:
+        strategy.load_checkpoint(run.with_name(run.name[: -len("-1")] + "-2") / "ckpt")
+        out["resumed"] = steps(2, 4)
+    if env.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+        (run / "ckpt.json").write_text(json.dumps(out))
 
-        steps = functools.partial(_steps, strategy, data, sampler, cfg, env, pad)
-        run = Path(cfg.output_dir)
-        out: dict[str, list[float]] = {}
-        if phase == "save":
-            out["before"] = steps(0, 2)
-            strategy.save_checkpoint(run / "ckpt")
-            out["after"] = steps(2, 4)
-            strategy.load_checkpoint(run / "ckpt")
-            out["reloaded"] = steps(2, 4)
+
+def _drive(jobs: list[str]) -> int:
+    """Run train=CFG (`ftl train CFG` in these ranks), save=CFG and resume=CFG jobs in order, keeping the
+    process group between them."""
+    import launcher.trainer as trainer
+    from launcher.cli import main
+    from launcher.dist import DistEnv, shutdown
+
+    trainer.shutdown = lambda env: None
+    code = 0
+    for job in jobs:
+        kind, _, config = job.partition("=")
+        if kind == "train":
+            code = max(code, main(["train", config]))
         else:
-            saved = run.parent / run.name.replace("-1", "-2") / "ckpt"
-            strategy.load_checkpoint(saved)
-            out["resumed"] = steps(2, 4)
-        if env.is_main:
-            run.mkdir(parents=True, exist_ok=True)
-            (run / "ckpt.json").write_text(json.dumps(out))
-    shutdown(env)
-    return 0
+            _checkpoint_job(kind, config)
+    shutdown(DistEnv(world_size=int(os.environ.get("WORLD_SIZE", "1"))))
+    return code
 
 
 if __name__ == "__main__":
-    sys.exit(_train_all(sys.argv[2:]) if sys.argv[1] == "train" else _ckpt_all(sys.argv[2], sys.argv[3:]))
+    sys.exit(_drive(sys.argv[1:]))
