@@ -73,6 +73,25 @@ def wrap_class_names(model: nn.Module, configured: list[str] | None) -> set[str]
     return names
 
 
+def clip_by_global_norm(params: list[nn.Parameter], max_norm: float | None, comm_device: torch.device) -> float:
+    """L2 norm of the whole gradient (every rank's shards); scales the shards down to max_norm when above.
+
+    Computed from the local shards with one all-reduce on the device the process group talks on: with
+    CPUOffloadPolicy the gradients live in CPU memory, where `clip_grad_norm_`'s DTensor all-reduce fails
+    under NCCL. Equals `clip_grad_norm_` (same 1e-6 guard) otherwise.
+    """
+    grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params) if g is not None]
+    squares = torch.zeros((), dtype=torch.float32, device=comm_device)
+    for g in grads:
+        squares += g.detach().float().square().sum().to(comm_device)
+    dist.all_reduce(squares)
+    norm = float(squares.sqrt())
+    if max_norm and norm + 1e-6 > max_norm:
+        for g in grads:
+            g.mul_(max_norm / (norm + 1e-6))
+    return norm
+
+
 def build_meta_model(cfg: Config) -> nn.Module:
     """The architecture `launcher.model.build_model` makes (full or LoRA), on the meta device: no weights read.
 
@@ -216,9 +235,7 @@ class FSDPStrategy(Strategy):
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
+        norm = clip_by_global_norm(params, max_grad_norm, self.env.device)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -228,7 +245,7 @@ class FSDPStrategy(Strategy):
         if not self._reported:
             self._reported = True
             self.report_sharding()
-        return float(norm)
+        return norm
 
     def report_sharding(self) -> None:
         """Write every rank's held parameter and optimizer-state elements to OUTPUT_DIR/sharding.json
