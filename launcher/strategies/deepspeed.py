@@ -83,12 +83,29 @@ class DeepSpeedStrategy(Strategy):
         self.ds_config: dict[str, Any] = {}
         self.adapters = cfg.method.kind in ("lora", "qlora")
         self._reported = False
+        self._loaded_numel = 0
 
     def build_model(self) -> nn.Module:
-        """The model on every rank (ZeRO-3 partitions it in setup); QLoRA under ZeRO-3 stores 4-bit in floats."""
+        """The model for this stage. ZeRO-3 (not QLoRA) builds it under deepspeed.zero.Init through
+        transformers' HfDeepSpeedConfig, so each rank only ever holds its partition; QLoRA under ZeRO-3 loads
+        whole, 4-bit weights in float storage, and the engine partitions it in setup."""
         from launcher.model import build_model
 
         init_deepspeed_dist(self.env, self.cfg.distributed.timeout_minutes)
+        if self.stage == 3 and self.cfg.method.kind != "qlora":
+            from transformers import AutoConfig
+            from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+            m = self.cfg.model
+            model_cfg = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code)
+            hidden = getattr(model_cfg, "hidden_size", None)
+            self.ds_config = build_ds_config(self.cfg, self.env.world_size, hidden)
+            hf_zero3 = HfDeepSpeedConfig(self.ds_config)  # transformers keeps a weak reference while we hold it
+            try:
+                return build_model(self.cfg, self.env.device)
+            finally:
+                unset_hf_deepspeed_config()  # later model loads in this process are not ZeRO-3 ones
+                del hf_zero3
         storage = quant_storage_dtype(self.cfg) if self.cfg.method.kind == "qlora" and self.stage == 3 else None
         return build_model(self.cfg, self.env.device, quant_storage=storage)
 
@@ -96,8 +113,10 @@ class DeepSpeedStrategy(Strategy):
         import deepspeed
 
         init_deepspeed_dist(self.env, self.cfg.distributed.timeout_minutes)
-        hidden = getattr(getattr(model, "config", None), "hidden_size", None)
-        self.ds_config = build_ds_config(self.cfg, self.env.world_size, hidden)
+        if not self.ds_config:
+            hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+            self.ds_config = build_ds_config(self.cfg, self.env.world_size, hidden)
+        self._loaded_numel = sum(p.numel() for p in model.parameters())  # ZeRO-3 via zero.Init: ~0 of the base
         optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
@@ -176,13 +195,15 @@ class DeepSpeedStrategy(Strategy):
             self.unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
 
     def report_sharding(self) -> None:
-        """Every rank's held parameter and optimizer-state elements → OUTPUT_DIR/sharding.json and the log
-        (after the first step, when the optimizer state exists). Every rank must call it."""
+        """Every rank's held parameter and optimizer-state elements (and the parameter elements it held in
+        full when the model was handed over) → OUTPUT_DIR/sharding.json and the log, after the first step (when
+        the optimizer state exists). Every rank must call it."""
         params, state = self.local_numel()
-        ranks: list[Any] = [{"params": params, "optimizer_state": state}]
+        mine = {"params": params, "optimizer_state": state, "materialised_at_load": self._loaded_numel}
+        ranks: list[Any] = [mine]
         if dist.is_initialized() and self.env.world_size > 1:
             ranks = [None] * self.env.world_size
-            dist.all_gather_object(ranks, {"params": params, "optimizer_state": state})
+            dist.all_gather_object(ranks, mine)
         if not self.env.is_main:
             return
         numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.unwrapped.parameters()]
