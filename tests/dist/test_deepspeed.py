@@ -194,7 +194,7 @@ def test_sharding_is_real(runs: dict[str, Path]) -> None:
             for r in report["ranks"]:
                 assert r["optimizer_state"] == pytest.approx(trainable, rel=0.02), (name, kind, r, trainable)
                 if report["zero_stage"] == 3:  # built under zero.Init: no rank ever held the whole base
-                    assert r["materialised_at_load"] <= trainable if kind == "lora" else r["materialised_at_load"] == 0
+                    assert r["materialised_at_load"] <= (trainable if kind == "lora" else 0), (name, kind, r)
                 if report["zero_stage"] == 3 and kind == "full":
                     assert r["params"] == pytest.approx(total / 2, rel=0.02), (name, r, total)
                 elif report["zero_stage"] == 3:  # the frozen base is partitioned, the tiny adapters persist
