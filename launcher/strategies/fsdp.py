@@ -81,9 +81,9 @@ def clip_by_global_norm(params: list[nn.Parameter], max_norm: float | None, comm
     under NCCL. Equals `clip_grad_norm_` (same 1e-6 guard) otherwise.
     """
     grads = [g.to_local() if isinstance(g, DTensor) else g for g in (p.grad for p in params) if g is not None]
-    squares = torch.zeros((), dtype=torch.float32, device=comm_device)
+    squares = torch.zeros((), dtype=torch.float64, device=comm_device)
     for g in grads:
-        squares += g.detach().float().square().sum().to(comm_device)
+        squares += g.detach().double().square().sum().to(comm_device)
     dist.all_reduce(squares)
     norm = float(squares.sqrt())
     if max_norm and norm + 1e-6 > max_norm:

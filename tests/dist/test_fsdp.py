@@ -99,7 +99,9 @@ def test_lora_fsdp_matches_single_and_the_adapter_reloads(tmp_path: Path, models
         toy_data["completion"],
         method={"kind": "lora"},
         data={"eval": str(eval_file)},
-        train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2},
+        # no clipping here: Adam turns the last-bit difference of two clip factors into ~1e-5 on a few
+        # near-zero-gradient adapter weights; the full-model test covers clipping by the global norm
+        train={"max_steps": 5, "micro_batch_size": 2, "lr": 1e-2, "max_grad_norm": None},
     )
     ref = _train(tmp_path / "one", cfg, "distributed.strategy=single", "train.grad_accum=2")
     run = _train(tmp_path / "two", cfg, "distributed.strategy=fsdp", nproc=2)
