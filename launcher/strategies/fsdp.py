@@ -144,8 +144,8 @@ class FSDPStrategy(Strategy):
 
     # --- building and wrapping -------------------------------------------------------------------------
     def quant_storage(self) -> torch.dtype:
-        """Float container dtype for the packed 4-bit weights: one mixed precision never casts (it would
-        scramble the packed bits), i.e. the policy's param dtype, else the QLoRA compute dtype."""
+        """Float container dtype for the packed 4-bit weights. It must be the mixed-precision param dtype
+        when there is one (a cast would scramble the packed bits), else the QLoRA compute dtype."""
         return MP_DTYPES.get(self.cfg.train.precision) or DTYPES[self.cfg.method.qlora.compute_dtype]
 
     def build_model(self) -> nn.Module:
