@@ -168,31 +168,42 @@ class DeepSpeedStrategy(Strategy):
         return params, state
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter gathered in full on rank 0 (empty on other ranks). Every rank must call it."""
-        if self.stage != 3:
-            return super().full_state_dict()
-        state = self.engine._zero3_consolidated_16bit_state_dict()
-        return {k: v.detach().clone().cpu() for k, v in state.items()} if self.env.is_main else {}
-
-    def _trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable parameters in full on rank 0 (ZeRO-3 gathers them one at a time)."""
-        import deepspeed
-
-        out: dict[str, torch.Tensor] = {}
-        for name, p in self.unwrapped.named_parameters():
-            if not p.requires_grad:
-                continue
-            gather = deepspeed.zero.GatheredParameters([p]) if self.stage == 3 else contextlib.nullcontext()
-            with gather:
-                if self.env.is_main:
-                    out[name] = p.detach().clone().cpu()
-        return out
+        """Every parameter (and persistent buffer) in full on rank 0, empty elsewhere; every rank must call it."""
+        return self._gathered(trainable_only=False)
 
     def save_pretrained(self, directory: Path) -> None:
         """Rank 0 writes a Hugging Face directory (PEFT: the adapter only); every rank must call it."""
-        state = self._trainable_state_dict() if self.adapters else self.full_state_dict()
+        state = self._gathered(trainable_only=self.adapters)
         if self.env.is_main:
             self.unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+    def _gathered(self, trainable_only: bool) -> dict[str, torch.Tensor]:
+        """Parameters gathered one at a time onto rank 0. Trainable ones come from DeepSpeed's fp32 master copy
+        (so bf16/fp16 runs export what single-process training would: adapters fp32, full weights in
+        model.dtype); frozen ones as the module holds them (ZeRO-3: gathered)."""
+        import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        trained_dtype = torch.float32 if self.adapters else DTYPES[self.cfg.model.dtype]
+        out: dict[str, torch.Tensor] = {}
+        for name, p in self.unwrapped.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None  # a collective
+            if full is None:
+                gather = deepspeed.zero.GatheredParameters([p]) if hasattr(p, "ds_id") else contextlib.nullcontext()
+                with gather:
+                    full = p.detach().clone() if self.env.is_main else None
+            elif self.env.is_main:
+                full = full.detach().to(trained_dtype)
+            if self.env.is_main:
+                out[name] = full.cpu()
+        if not trainable_only and self.env.is_main:
+            for prefix, module in self.unwrapped.named_modules():
+                for bname, buf in module.named_buffers(recurse=False):
+                    if bname not in module._non_persistent_buffers_set:
+                        out[f"{prefix}.{bname}" if prefix else bname] = buf.detach().cpu()
+        return out
 
     def report_sharding(self) -> None:
         """Every rank's held parameter and optimizer-state elements (and the parameter elements it held in
