@@ -110,10 +110,11 @@ def build_model(cfg: Config, device: torch.device, quant_storage: torch.dtype | 
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts as stored (4-bit weights count their packed elements × 2)."""
+    """(trainable, total) parameter counts; 4-bit weights count the elements they stand for."""
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel() * (2 if p.dtype == torch.uint8 else 1)
+        quant_state = getattr(p, "quant_state", None)
+        n = int(torch.Size(quant_state.shape).numel()) if quant_state is not None else p.numel()
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

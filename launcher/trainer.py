@@ -112,21 +112,24 @@ def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pa
 
 def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler, steps: int) -> None:
     trainable, total = param_counts(strategy.unwrapped)
-    local_params, local_state = strategy.local_numel()
     if env.is_main:
         log(
             f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
             f"method={cfg.method.kind} device={env.device.type}"
         )
-        log(
-            f"params: total={total:,} trainable={trainable:,} held on rank 0={local_params:,} "
-            f"optimizer state on rank 0={local_state:,}"
-        )
+        log(f"params: total={total:,} trainable={trainable:,}")
         log(
             f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
             f"{env.world_size} ranks = {sampler.global_batch} samples; {sampler.steps_per_epoch} steps/epoch; "
             f"{steps} steps"
         )
+
+
+def describe_sharding(strategy: Strategy, env: DistEnv) -> None:
+    """After the first step (optimizer state exists then): what rank 0 holds locally."""
+    local_params, local_state = strategy.local_numel()
+    if env.is_main:
+        log(f"held on rank 0: params={local_params:,} optimizer state={local_state:,} (of {env.world_size} rank(s))")
 
 
 def run_training(cfg: Config) -> int:
@@ -211,8 +214,11 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     writer = MetricsWriter(cfg, out_dir, steps, state) if env.is_main else None
     stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()
+    first_step = state.step
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, tokenizer.pad_token_id)
+        if row["step"] == first_step + 1:
+            describe_sharding(strategy, env)
         if writer and (state.step % cfg.logging.every_steps == 0 or state.step == steps):
             if cfg.logging.sample_ids:
                 row["sample_ids"] = sampler.global_ids(state.step - 1).tolist()

@@ -142,6 +142,8 @@ def test_ddp_two_ranks_equal_one_rank_with_accumulation(tmp_path: Path, models: 
     ref_loss = [r["loss"] for r in read_metrics(ref)]
     ddp_loss = [r["loss"] for r in read_metrics(ddp)]
     assert ddp_loss == pytest.approx(ref_loss, rel=1e-4)
+    norms = lambda run: [r["grad_norm"] for r in read_metrics(run)]  # noqa: E731
+    assert norms(ddp) == pytest.approx(norms(ref), rel=1e-4)  # gradients are summed, not averaged, over ranks
     a = AutoModelForCausalLM.from_pretrained(ref / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(ddp / "final").state_dict()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
