@@ -67,11 +67,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolved_config(args)
-    if args.nproc > 1:
-        return spawn_local_ranks(args.nproc, [args.config, *args.overrides], cfg.checkpoint.stop_signals)
     from launcher.prepare import check_inputs
 
-    check_inputs(cfg)  # before torch is even imported
+    check_inputs(cfg, args.nproc if args.nproc > 1 else None)  # before torch is even imported
+    if args.nproc > 1:
+        return spawn_local_ranks(args.nproc, [args.config, *args.overrides], cfg.checkpoint.stop_signals)
     from launcher.trainer import run_training
 
     return run_training(cfg)

@@ -114,7 +114,10 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
     trainable = total = 0
     for p in model.parameters():
         quant_state = getattr(p, "quant_state", None)
-        n = int(torch.Size(quant_state.shape).numel()) if quant_state is not None else p.numel()
+        if quant_state is not None:
+            n = int(torch.Size(quant_state.shape).numel())
+        else:  # ZeRO-3 partitions parameters: numel() is 0 there, ds_numel is the full size
+            n = getattr(p, "ds_numel", p.numel())
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total

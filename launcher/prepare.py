@@ -15,11 +15,11 @@ from typing import Any
 import yaml
 
 from launcher.config import Config, ConfigError
-from launcher.data import DataSplits, read_splits
-from launcher.data import finish_split as _finish
-from launcher.data import tokenize_split as _tokenize
+from launcher.data.splits import DataSplits, read_splits
+from launcher.data.splits import finish_split as _finish
+from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import cache_dir
-from launcher.dist import env_world
+from launcher.launch_env import env_world
 
 # Fields that may change between runs in one output_dir without changing what the run means. The split of
 # the global batch into micro-batches, accumulation and ranks may change too: resume checks the product, and
@@ -95,6 +95,15 @@ def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
     )
 
 
-def check_inputs(cfg: Config) -> None:
-    """The cheap checks `ftl validate` runs: data files and rows (no tokenizer, no model)."""
-    read_splits(cfg)
+def check_inputs(cfg: Config, world_size: int | None = None) -> None:
+    """The cheap checks run before anything heavy: data files and rows, a DeepSpeed JSON against the config."""
+    from launcher.strategies.ds_config import check_deepspeed_config
+
+    problems = []
+    for check in (lambda: read_splits(cfg), lambda: check_deepspeed_config(cfg, world_size)):
+        try:
+            check()
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)

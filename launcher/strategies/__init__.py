@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from launcher.config import Config, ConfigError
-from launcher.dist import DistEnv
-from launcher.strategies.base import Strategy
+
+if TYPE_CHECKING:  # keep `ftl validate` free of torch: this package's __init__ imports nothing heavy
+    from launcher.dist import DistEnv
+    from launcher.strategies.base import Strategy
 
 
 def resolve_strategy_name(cfg: Config, world_size: int) -> str:

@@ -1,0 +1,83 @@
+"""Split reading, checking, tokenising and packing (the cheap, torch-free part of the data pipeline)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from launcher.config import Config, ConfigError
+from launcher.data.formats import require_chat_template
+from launcher.data.rows import load_split
+from launcher.data.tokenized import Samples, cache_dir, cache_key, load_samples, pack, save_samples, tokenize_rows
+
+
+@dataclass
+class RawSplits:
+    """Checked rows of train and (optional) eval."""
+
+    train: list[dict]
+    eval: list[dict] | None
+
+
+@dataclass
+class DataSplits:
+    """Tokenised (and possibly packed) train and eval samples."""
+
+    train: Samples
+    eval: Samples | None
+
+
+def read_splits(cfg: Config) -> RawSplits:
+    """Read and check all data files; raise ConfigError naming file and line. No tokenizer needed."""
+    d = cfg.data
+    problems: list[str] = []
+    train = evals = None
+    try:
+        train = load_split(d.train, d.format, "data.train", cfg.model.num_labels)
+    except ConfigError as err:
+        problems += err.problems
+    if d.eval:
+        try:
+            evals = load_split(d.eval, d.format, "data.eval", cfg.model.num_labels)
+        except ConfigError as err:
+            problems += err.problems
+    if problems:
+        raise ConfigError(problems)
+    if d.eval_fraction > 0:
+        order = np.random.default_rng(cfg.train.seed).permutation(len(train))
+        n_eval = max(1, int(round(len(train) * d.eval_fraction)))
+        evals = [train[i] for i in order[:n_eval]]
+        train = [train[i] for i in sorted(order[n_eval:])]
+    return RawSplits(train=train, eval=evals)
+
+
+def tokenize_split(rows: list[dict], cfg: Config, tokenizer: Any, field: str, build: bool) -> Samples | None:
+    """Tokenise via the on-disk cache. With build=False, only read an existing cache (None if absent)."""
+    d = cfg.data
+    settings = {"format": d.format, "max_len": d.max_seq_len, "mask_prompt": d.mask_prompt}
+    path = cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
+    if path.exists():
+        return load_samples(path)
+    if not build:
+        return None
+    if d.format == "chat":
+        require_chat_template(tokenizer, cfg.model.tokenizer or cfg.model.path)
+    samples = tokenize_rows(rows, d.format, tokenizer, d.max_seq_len, d.mask_prompt)
+    if len(samples) == 0:
+        raise ConfigError(
+            [
+                f"{field}: empty after filtering: all {samples.dropped} rows lost every answer token to "
+                f"truncation at data.max_seq_len={d.max_seq_len} (raise it, or shorten the prompts)"
+            ]
+        )
+    save_samples(samples, path)
+    return samples
+
+
+def finish_split(samples: Samples, cfg: Config, training: bool) -> Samples:
+    """Pack the training split when asked (eval stays unpacked: its loss is per sample)."""
+    if training and cfg.data.packing:
+        return pack(samples, cfg.data.max_seq_len, cfg.train.seed)
+    return samples
