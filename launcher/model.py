@@ -59,10 +59,15 @@ def load_base_model(
         kwargs["quantization_config"] = quantization_config(cfg, quant_storage)
         kwargs["device_map"] = {"": device}
     model = cls.from_pretrained(cfg.model.path, **kwargs)
+    set_pad_token_id(model)
+    return model
+
+
+def set_pad_token_id(model: nn.Module) -> None:
+    """Models without a pad id pad with EOS (classification heads need one to find the last token)."""
     if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    return model
 
 
 def lora_config(cfg: Config) -> Any:
@@ -92,7 +97,14 @@ def build_model(cfg: Config, device: torch.device, quant_storage: torch.dtype | 
         model = prepare_model_for_kbit_training(
             model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
         )
-    elif gc:
+    model = attach_method(model, cfg, checkpointing_done=kind == "qlora")
+    return model.to(device) if kind != "qlora" else model
+
+
+def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = False) -> nn.Module:
+    """Gradient checkpointing, LoRA adapters (in fp32) and no KV cache: the same on real or meta weights."""
+    kind = cfg.method.kind
+    if cfg.train.gradient_checkpointing and not checkpointing_done:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if kind == "lora":
             model.enable_input_require_grads()
@@ -106,7 +118,7 @@ def build_model(cfg: Config, device: torch.device, quant_storage: torch.dtype | 
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
-    return model.to(device) if kind != "qlora" else model
+    return model
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:

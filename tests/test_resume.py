@@ -19,9 +19,12 @@ STEPS = 8
 
 
 def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str, **extra: dict) -> Path:
-    sections = {"method": {"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
-                "train": {"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
-                "checkpoint": {"every_steps": 2, "keep_last": 2}, "logging": {"sample_ids": True}}
+    sections = {
+        "method": {"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+        "train": {"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
+        "checkpoint": {"every_steps": 2, "keep_last": 2},
+        "logging": {"sample_ids": True},
+    }
     for name, values in extra.items():
         sections[name] = {**sections.get(name, {}), **values}
     cfg = base_config(tmp_path, models["llama"], toy_data["completion"], **sections)

@@ -69,14 +69,18 @@ class Strategy(ABC):
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"))
+        norm = self.clip_grad_norm(params, max_grad_norm)
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_grad_norm: float | None) -> float:
+        """The global grad norm (clipped to max_grad_norm when set); sharded strategies reduce over shards."""
+        return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf")))
 
     def local_numel(self) -> tuple[int, int]:
         """(parameter elements held by this rank, optimizer-state elements held by this rank)."""

@@ -99,9 +99,9 @@ def build_meta_model(cfg: Config) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from launcher.model import lora_config
+    from launcher.model import attach_method, set_pad_token_id
 
-    m, kind = cfg.model, cfg.method.kind
+    m = cfg.model
     classify = m.task == "sequence_classification"
     extra: dict[str, Any] = {"num_labels": m.num_labels} if classify else {}
     hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **extra)
@@ -109,23 +109,8 @@ def build_meta_model(cfg: Config) -> nn.Module:
     kwargs: dict[str, Any] = {} if classify else {"attn_implementation": "sdpa"}
     with torch.device("meta"):
         model = cls.from_config(hf_config, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
-    if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
-        eos = model.config.eos_token_id
-        model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
-    if cfg.train.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if kind == "lora":
-            model.enable_input_require_grads()
-    if kind == "lora":
-        from peft import get_peft_model
-
-        model = get_peft_model(model, lora_config(cfg))
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()
-    if getattr(model.config, "use_cache", None) is not None:
-        model.config.use_cache = False
-    return model
+    set_pad_token_id(model)
+    return attach_method(model, cfg)
 
 
 class FSDPStrategy(Strategy):
@@ -232,20 +217,14 @@ class FSDPStrategy(Strategy):
 
     def step(self, max_grad_norm: float | None) -> float:
         """Clip by the global grad norm (over all shards), step, zero grads; returns that norm."""
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        norm = clip_by_global_norm(params, max_grad_norm, self.env.device)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norm = super().step(max_grad_norm)
         if not self._reported:
             self._reported = True
             self.report_sharding()
         return norm
+
+    def clip_grad_norm(self, params: list[nn.Parameter], max_grad_norm: float | None) -> float:
+        return clip_by_global_norm(params, max_grad_norm, self.env.device)
 
     def report_sharding(self) -> None:
         """Write every rank's held parameter and optimizer-state elements to OUTPUT_DIR/sharding.json
