@@ -13,52 +13,22 @@ import argparse
 import json
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from bench_strategies import STRATEGIES, run_ftl, text_rows, write_cfg  # scripts/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-sys.path.insert(0, str(ROOT / "tests"))
 
-STRATEGIES = {
-    "single": ("single", 0, {}),
-    "ddp": ("ddp", 2, {}),
-    "fsdp": ("fsdp", 2, {}),
-    "zero2": ("deepspeed", 2, {"zero_stage": 2}),
-    "zero3": ("deepspeed", 2, {"zero_stage": 3}),
-}
 SAVE = re.compile(r"checkpoint step (\d+): \S+ \(([\d.]+) MiB, ([\d.]+)s\)")
 LOAD = re.compile(r"resumed from \S+ at step (\d+) .*loaded in ([\d.]+)s")
 
 
 def ftl(cfg: Path, *overrides: str, nproc: int = 0) -> tuple[str, float]:
-    args = [sys.executable, "-m", "launcher", "train", str(cfg), *overrides]
-    args += ["--nproc", str(nproc)] if nproc else []
     t0 = time.perf_counter()
-    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
-    if res.returncode != 0:
-        raise SystemExit(res.stderr[-3000:])
-    return res.stderr, time.perf_counter() - t0
-
-
-def write_cfg(root: Path, model: Path, data: Path, kind: str, strategy: str, dist: dict) -> Path:
-    cfg = {
-        "output_dir": str(root / "run"),
-        "model": {"path": str(model)},
-        "method": {"kind": kind, "lora": {"r": 16, "alpha": 32, "dropout": 0.0}},
-        "data": {"train": str(data), "format": "completion", "max_seq_len": 64},
-        "train": {"max_steps": 3, "micro_batch_size": 2, "lr": 1e-3},
-        "distributed": {"strategy": strategy, **dist},
-        "checkpoint": {"every_steps": 2},
-    }
-    path = root / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    log = run_ftl(cfg, *overrides, nproc=nproc)
+    return log, time.perf_counter() - t0
 
 
 def bench_one(root: Path, model: Path, data: Path, kind: str, name: str) -> dict:
@@ -90,7 +60,6 @@ def resume_cost(root: Path, model: Path, data: Path, at: int) -> float:
 
 def main() -> None:
     from bench_train import make_model
-    from helpers import reverse_rows, write_jsonl
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path)
@@ -100,7 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model = args.model or make_model(root)
-        data = write_jsonl(root / "data.jsonl", reverse_rows(64))
+        data = text_rows(root / "data.jsonl", 64, 40)
         for name in args.strategies.split(","):
             for kind in ("full", "lora"):
                 sub = root / f"{name}-{kind}"
