@@ -37,7 +37,7 @@ def dequantize_4bit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    return model.to(dtype)
+    return nn.Module.to(model, dtype)  # transformers refuses .to(dtype) on a (formerly) bnb model
 
 
 def merged_model(cfg: Config, adapter_dir: Path) -> nn.Module:
