@@ -6,21 +6,27 @@ from pathlib import Path
 
 import pytest
 from helpers import base_config, write_config
-from resume_utils import finish, final_weights, kill_group, logged_step, losses, max_weight_diff, start, wait_for
+from resume_utils import final_weights, finish, kill_group, logged_step, losses, max_weight_diff, start, wait_for
 
 pytestmark = pytest.mark.slow
 STEPS = 8
-STRATEGY = {"fsdp": ["distributed.strategy=fsdp"],
-            "zero2": ["distributed.strategy=deepspeed", "distributed.zero_stage=2"],
-            "zero3": ["distributed.strategy=deepspeed", "distributed.zero_stage=3"]}
+STRATEGY = {
+    "fsdp": ["distributed.strategy=fsdp"],
+    "zero2": ["distributed.strategy=deepspeed", "distributed.zero_stage=2"],
+    "zero3": ["distributed.strategy=deepspeed", "distributed.zero_stage=3"],
+}
 
 
 def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> Path:
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"],
-                      method={"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-                              "qlora": {"compute_dtype": "float32"}},
-                      train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
-                      checkpoint={"every_steps": 2, "keep_last": 2}, logging={"sample_ids": True})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "qlora": {"compute_dtype": "float32"}},
+        train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
+        checkpoint={"every_steps": 2, "keep_last": 2},
+        logging={"sample_ids": True},
+    )
     return write_config(tmp_path / f"{kind}.yaml", cfg)
 
 
@@ -36,9 +42,19 @@ def _kill_after(cfg: Path, out: Path, overrides: list[str], nproc: int, step: in
     kill_group(proc)
 
 
-@pytest.mark.parametrize(("strategy", "kind"), [("fsdp", "full"), ("fsdp", "lora"), ("zero2", "full"),
-                                                ("zero2", "lora"), ("zero3", "full"), ("zero3", "lora"),
-                                                ("fsdp", "qlora"), ("zero3", "qlora")])
+@pytest.mark.parametrize(
+    ("strategy", "kind"),
+    [
+        ("fsdp", "full"),
+        ("fsdp", "lora"),
+        ("zero2", "full"),
+        ("zero2", "lora"),
+        ("zero3", "full"),
+        ("zero3", "lora"),
+        ("fsdp", "qlora"),
+        ("zero3", "qlora"),
+    ],
+)
 def test_kill_and_resume_is_exact(tmp_path: Path, models: dict, toy_data: dict, strategy: str, kind: str) -> None:
     cfg, extra = _config(tmp_path, models, toy_data, kind), STRATEGY[strategy]
     ref = tmp_path / "straight"
@@ -71,6 +87,26 @@ def test_resume_on_another_world_size(tmp_path: Path, models: dict, toy_data: di
     for run in (down, up):
         got = losses(run)
         assert sorted(got) == list(range(1, STEPS + 1))
-        assert [got[s] for s in range(5, STEPS + 1)] == pytest.approx([want[s] for s in range(5, STEPS + 1)],
-                                                                      rel=1e-4)
+        assert [got[s] for s in range(5, STEPS + 1)] == pytest.approx([want[s] for s in range(5, STEPS + 1)], rel=1e-4)
         assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-4
+
+
+@pytest.mark.parametrize(("strategy", "kind"), [("fsdp", "lora"), ("zero3", "full")])
+def test_export_from_a_sharded_checkpoint(
+    tmp_path: Path, models: dict, toy_data: dict, strategy: str, kind: str
+) -> None:
+    """`ftl export --checkpoint` consolidates shards offline (one process) into the same model `final/` holds."""
+    from helpers import ftl
+    from safetensors.torch import load_file
+
+    cfg, extra = _config(tmp_path, models, toy_data, kind), STRATEGY[strategy]
+    const = [*extra, "train.schedule=constant", "train.warmup_steps=0"]
+    _run(cfg, tmp_path / "long", [*const, "train.max_steps=4"], 2)
+    _run(cfg, tmp_path / "short", [*const, "train.max_steps=2"], 2)
+    out = tmp_path / "exported"
+    res = ftl("export", str(tmp_path / "long"), "--checkpoint", "step-00000002", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-3000:]
+    name = "adapter_model.safetensors" if kind == "lora" else "model.safetensors"
+    exported, final = load_file(out / name), load_file(tmp_path / "short" / "final" / name)
+    assert exported.keys() == final.keys()
+    assert max(float((exported[k].float() - final[k].float()).abs().max()) for k in final) <= 1e-6
