@@ -15,8 +15,13 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp_path: Path, models: dict, toy_data: dict) -> Path:
-    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"},
-                      train={"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "lora"},
+        train={"max_steps": 3, "micro_batch_size": 2, "lr": 1e-2},
+    )
     return write_config(tmp_path / "cfg.yaml", cfg)
 
 
@@ -30,8 +35,21 @@ def _launch(prefix: list[str], cfg: Path, out: Path, *overrides: str) -> list[fl
 
 def _accelerate(*flags: str) -> list[str]:
     exe = shutil.which("accelerate") or "accelerate"
-    return [exe, "launch", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "--num_processes", "2", "--main_process_port", "29611", *flags]
+    return [
+        exe,
+        "launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "29611",
+        *flags,
+    ]
 
 
 def test_every_launcher_gives_the_same_losses(tmp_path: Path, models: dict, toy_data: dict) -> None:
@@ -54,8 +72,22 @@ def test_every_launcher_gives_the_same_losses(tmp_path: Path, models: dict, toy_
 def test_accelerate_without_multi_gpu_is_caught(tmp_path: Path, models: dict, toy_data: dict) -> None:
     cfg = _cfg(tmp_path, models, toy_data)
     exe = shutil.which("accelerate") or "accelerate"
-    cmd = [exe, "launch", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "-m", "launcher", "train", str(cfg)]
+    cmd = [
+        exe,
+        "launch",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "-m",
+        "launcher",
+        "train",
+        str(cfg),
+    ]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "asked for 2 processes but started only 1" in res.stderr + res.stdout
