@@ -18,11 +18,14 @@ STRATEGY = {
 
 
 def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> Path:
+    method = {"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    if kind == "qlora":
+        method["qlora"] = {"compute_dtype": "float32"}
     cfg = base_config(
         tmp_path,
         models["llama"],
         toy_data["completion"],
-        method={"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}, "qlora": {"compute_dtype": "float32"}},
+        method=method,
         train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
         checkpoint={"every_steps": 2, "keep_last": 2},
         logging={"sample_ids": True},
