@@ -264,9 +264,15 @@ def cross_field_problems(cfg: Config) -> list[str]:
 
 def qlora_problems(raw_method: dict[str, Any]) -> list[str]:
     """QLoRA settings given while method.kind is full are a contradiction worth naming."""
-    if raw_method.get("kind") == "full" and "qlora" in raw_method:
-        return ["method.qlora: settings given but method.kind is 'full' (QLoRA trains adapters only)"]
-    return []
+    given = raw_method.get("qlora")
+    if raw_method.get("kind") != "full" or not isinstance(given, dict):
+        return []
+    try:  # a resolved config.yaml carries the defaults: only values that differ are a contradiction
+        if QLoraSettings.model_validate(given) == QLoraSettings():
+            return []
+    except ValidationError:
+        pass
+    return ["method.qlora: settings given but method.kind is 'full' (QLoRA trains adapters only)"]
 
 
 def _cuda_available() -> bool:

@@ -38,7 +38,7 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return proc.returncode, out
 
 
-def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 1200) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if proc.poll() is not None:

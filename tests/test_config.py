@@ -36,7 +36,7 @@ def test_every_problem_is_reported_at_once(cfg_file: Path) -> None:
 @pytest.mark.parametrize(
     ("overrides", "field"),
     [
-        (["method.kind=full", "method.qlora.quant_type=nf4"], "method.qlora"),
+        (["method.kind=full", "method.qlora.quant_type=fp4"], "method.qlora"),
         (["train.precision=fp16"], "train.precision"),
         (["data.packing=true", "data.format=classification", "model.task=sequence_classification"], "data.packing"),
         (["train.max_steps=null"], "train.max_steps / train.epochs"),
