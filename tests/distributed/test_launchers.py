@@ -33,8 +33,14 @@ def _launch(prefix: list[str], cfg: Path, out: Path, *overrides: str) -> list[fl
     return [r["loss"] for r in read_metrics(out) if "loss" in r]
 
 
+def _accelerate_exe() -> str:
+    """The accelerate CLI of this interpreter's environment (a venv's bin/ may not be on PATH)."""
+    beside = Path(sys.executable).parent / "accelerate"
+    return str(beside) if beside.exists() else (shutil.which("accelerate") or "accelerate")
+
+
 def _accelerate(*flags: str) -> list[str]:
-    exe = shutil.which("accelerate") or "accelerate"
+    exe = _accelerate_exe()
     return [
         exe,
         "launch",
@@ -71,7 +77,7 @@ def test_every_launcher_gives_the_same_losses(tmp_path: Path, models: dict, toy_
 
 def test_accelerate_without_multi_gpu_is_caught(tmp_path: Path, models: dict, toy_data: dict) -> None:
     cfg = _cfg(tmp_path, models, toy_data)
-    exe = shutil.which("accelerate") or "accelerate"
+    exe = _accelerate_exe()
     cmd = [
         exe,
         "launch",
