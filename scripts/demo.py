@@ -123,7 +123,8 @@ def train(model_dir: Path, out: Path, data: dict[str, Path], max_steps: int | No
     if max_steps is not None:
         cmd.append(f"train.max_steps={max_steps}")
     print("demo: $ python " + " ".join(cmd[1:]), flush=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore::DeprecationWarning")
+    quiet = "ignore::DeprecationWarning,ignore:`is_gradient_checkpointing`:FutureWarning"  # library notices
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS=quiet)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
     start = time.perf_counter()

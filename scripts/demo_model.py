@@ -11,6 +11,7 @@ half-written model that a later run trusts.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 import shutil
 import time
@@ -95,6 +96,8 @@ def convert(gguf: Path, dest: Path) -> None:
     """Load the GGUF file, save it as a Hugging Face directory at `dest` (atomically), verify the round-trip."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if importlib.util.find_spec("gguf") is None:  # transformers reads GGUF files through it
+        raise SystemExit("demo: reading the GGUF model needs the gguf package; run: pip install gguf")
     tok = fix_tokenizer(AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name))
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     reference = prompt_logits(model, tok)

@@ -73,7 +73,7 @@ WORDS = (
 )
 # The task instruction is the system turn (it replaces SmolLM2's default system prompt, keeping rows short); the
 # user turn holds only the words.
-INSTRUCTION = "Reverse the order of the words you are given. Reply with the reversed words only, separated by spaces."
+INSTRUCTION = "Reverse the word order. Reply with the words only, separated by spaces."
 Row = dict[str, list[dict[str, str]]]
 
 

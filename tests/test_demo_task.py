@@ -103,3 +103,17 @@ def test_write_jsonl_round_trip(tmp_path: Path) -> None:
     train, _ = task.make_splits(5, 1, seed=0)
     path = task.write_jsonl(tmp_path / "sub" / "train.jsonl", train)
     assert [json.loads(x) for x in path.read_text().splitlines()] == train
+
+
+def test_minilm_data_is_deterministic_disjoint_and_labelled() -> None:
+    import make_minilm_data as minilm
+
+    train, evals = minilm.make_splits(300, 100, seed=0)
+    assert (train, evals) == minilm.make_splits(300, 100, seed=0)
+    texts = [r["text"] for r in train + evals]
+    assert len(set(texts)) == len(texts)
+    for row in train + evals:
+        negated = " not " in row["text"]
+        positive = any(f" {adj}" in row["text"] for adj in minilm.POSITIVE)
+        assert row["label"] == int(positive != negated)
+    assert 0.3 < sum(r["label"] for r in train) / len(train) < 0.7
