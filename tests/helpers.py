@@ -73,8 +73,10 @@ def build_model(out: Path, arch: str = "llama", vocab_size: int = 80, seed: int 
         "vocab_size": vocab_size,
         "initializer_range": 0.2,
     }  # wide enough logits that adapters alone can move the loss
-    if arch == "llama":
-        cfg = tf.LlamaConfig(
+    llama_like = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
+    if arch in llama_like:
+        config_cls, model_cls = llama_like[arch]
+        cfg = config_cls(
             num_hidden_layers=2,
             num_key_value_heads=2,
             max_position_embeddings=256,
@@ -83,18 +85,7 @@ def build_model(out: Path, arch: str = "llama", vocab_size: int = 80, seed: int 
             pad_token_id=0,
             **small,
         )
-        model = tf.LlamaForCausalLM(cfg)
-    elif arch == "qwen2":
-        cfg = tf.Qwen2Config(
-            num_hidden_layers=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=2,
-            eos_token_id=3,
-            pad_token_id=0,
-            **small,
-        )
-        model = tf.Qwen2ForCausalLM(cfg)
+        model = model_cls(cfg)
     elif arch == "gpt_neox":
         cfg = tf.GPTNeoXConfig(
             num_hidden_layers=2,

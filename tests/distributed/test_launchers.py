@@ -39,10 +39,10 @@ def _accelerate_exe() -> str:
     return str(beside) if beside.exists() else (shutil.which("accelerate") or "accelerate")
 
 
-def _accelerate(*flags: str) -> list[str]:
-    exe = _accelerate_exe()
+def _accelerate(*flags: str, processes: int = 2) -> list[str]:
+    """`accelerate launch` with every prompt-worthy default given, so it never asks or warns."""
     return [
-        exe,
+        _accelerate_exe(),
         "launch",
         "--num_machines",
         "1",
@@ -51,9 +51,7 @@ def _accelerate(*flags: str) -> list[str]:
         "--dynamo_backend",
         "no",
         "--num_processes",
-        "2",
-        "--main_process_port",
-        "29611",
+        str(processes),
         *flags,
     ]
 
@@ -65,10 +63,14 @@ def test_every_launcher_gives_the_same_losses(tmp_path: Path, models: dict, toy_
     res = ftl("train", "--nproc", "2", str(cfg), f"output_dir={tmp_path / 'nproc'}")
     assert res.returncode == 0, res.stderr[-3000:]
     nproc = [r["loss"] for r in read_metrics(tmp_path / "nproc") if "loss" in r]
-    multi = _launch(_accelerate("--multi_gpu"), cfg, tmp_path / "acc_ddp")
+    multi = _launch(_accelerate("--multi_gpu", "--main_process_port", "29611"), cfg, tmp_path / "acc_ddp")
     assert nproc == pytest.approx(ref, rel=1e-6) and multi == pytest.approx(ref, rel=1e-6)
-    zero3 = _launch(_accelerate("--use_deepspeed", "--zero_stage", "3"), cfg, tmp_path / "acc_ds")
-    fsdp = _launch(_accelerate("--use_fsdp", "--fsdp_version", "2"), cfg, tmp_path / "acc_fsdp")
+    zero3 = _launch(
+        _accelerate("--use_deepspeed", "--zero_stage", "3", "--main_process_port", "29611"), cfg, tmp_path / "acc_ds"
+    )
+    fsdp = _launch(
+        _accelerate("--use_fsdp", "--fsdp_version", "2", "--main_process_port", "29611"), cfg, tmp_path / "acc_fsdp"
+    )
     assert zero3 == pytest.approx(ref, rel=1e-4) and fsdp == pytest.approx(ref, rel=1e-4)
     saved = (tmp_path / "acc_ds" / "config.yaml").read_text()
     assert "strategy: deepspeed" in saved and "zero_stage: 3" in saved  # the launcher's choice was honoured
@@ -77,23 +79,7 @@ def test_every_launcher_gives_the_same_losses(tmp_path: Path, models: dict, toy_
 
 def test_accelerate_without_multi_gpu_is_caught(tmp_path: Path, models: dict, toy_data: dict) -> None:
     cfg = _cfg(tmp_path, models, toy_data)
-    exe = _accelerate_exe()
-    cmd = [
-        exe,
-        "launch",
-        "--num_processes",
-        "2",
-        "--num_machines",
-        "1",
-        "--mixed_precision",
-        "no",
-        "--dynamo_backend",
-        "no",
-        "-m",
-        "launcher",
-        "train",
-        str(cfg),
-    ]
+    cmd = [*_accelerate(), "-m", "launcher", "train", str(cfg)]
     res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert res.returncode != 0
     assert "asked for 2 processes but started only 1" in res.stderr + res.stdout
