@@ -16,8 +16,14 @@ from helpers import ROOT, read_metrics
 from safetensors.torch import load_file
 
 
-def start(cfg_path: Path, *overrides: str, nproc: int = 0, env: dict[str, str] | None = None) -> subprocess.Popen:
+def start(
+    cfg_path: Path, *overrides: str, nproc: int = 0, env: dict[str, str] | None = None, park_at: int = 0
+) -> subprocess.Popen:
+    """Start `ftl train`; with `park_at` the run stalls inside that step's checkpoint write (so a kill after
+    step `park_at - 1` is logged always finds the same latest complete checkpoint, however fast the machine)."""
     full_env = dict(os.environ, **(env or {}))
+    if park_at:
+        full_env["FTL_TEST_SLOW_CHECKPOINT"] = f"{park_at}:900"
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         full_env.pop(key, None)
     args = [sys.executable, "-m", "launcher", "train", str(cfg_path), *overrides]

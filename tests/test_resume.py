@@ -48,7 +48,7 @@ def test_kill_and_resume_is_exact(
     extra = [f"distributed.strategy={strategy}"]
     ref = _straight(cfg, tmp_path / "straight", *extra, nproc=nproc)
     run = tmp_path / "killed"
-    proc = start(cfg, f"output_dir={run}", *extra, nproc=nproc)
+    proc = start(cfg, f"output_dir={run}", *extra, nproc=nproc, park_at=6)
     wait_for(logged_step(run, 5), proc)  # step 4's checkpoint is complete; step 5 is logged but not saved
     kill_group(proc)
     code, log = finish(start(cfg, f"output_dir={run}", *extra, nproc=nproc))
@@ -148,7 +148,7 @@ def test_lora_checkpoint_holds_only_the_adapter(tmp_path: Path, toy_data: dict) 
 def test_wandb_offline_continues_the_same_run(tmp_path: Path, models: dict, toy_data: dict) -> None:
     cfg = _config(tmp_path, models, toy_data, "lora", logging={"wandb": {"enabled": True, "project": "t"}})
     run = tmp_path / "run"
-    proc = start(cfg, f"output_dir={run}", env={"WANDB_SILENT": "true"})
+    proc = start(cfg, f"output_dir={run}", env={"WANDB_SILENT": "true"}, park_at=6)
     wait_for(logged_step(run, 5), proc)
     kill_group(proc)
     code, log = finish(start(cfg, f"output_dir={run}"))

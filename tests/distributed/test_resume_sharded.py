@@ -40,7 +40,7 @@ def _run(cfg: Path, out: Path, overrides: list[str], nproc: int) -> str:
 
 
 def _kill_after(cfg: Path, out: Path, overrides: list[str], nproc: int, step: int) -> None:
-    proc = start(cfg, f"output_dir={out}", *overrides, nproc=nproc)
+    proc = start(cfg, f"output_dir={out}", *overrides, nproc=nproc, park_at=step + 1)
     wait_for(logged_step(out, step), proc)
     kill_group(proc)
 
