@@ -1,9 +1,9 @@
 """Benchmark: ftl's training throughput against a bare PyTorch loop, and packing against padding.
 
-    python scripts/bench_train.py [--model DIR] [--steps 12] [--batch 8]
+    python scripts/bench_train.py [--model DIR] [--steps 20] [--batch 8] [--repeats 3]
 
-Without --model it builds a small random Llama (hidden 256, 4 layers) and a word-level tokenizer, so it runs
-anywhere in about two minutes on 2 CPU cores. Prints a table; numbers, not assertions.
+Without --model it builds a small random Llama (hidden 512, 4 layers) and a word-level tokenizer, so it runs
+anywhere in about ten minutes on 2 CPU cores. Prints a table; numbers, not assertions.
 """
 
 from __future__ import annotations
@@ -25,14 +25,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 
-def make_model(root: Path) -> Path:
+def make_model(root: Path, hidden: int = 512) -> Path:
     import transformers as tf
     from helpers import build_tokenizer
 
     torch.manual_seed(0)
     cfg = tf.LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
+        hidden_size=hidden,
+        intermediate_size=hidden * 8 // 3,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=4,
@@ -87,6 +87,19 @@ def run_ftl(model: Path, data: Path, out: Path, steps: int, batch: int, packing:
     return statistics.median([r["tokens_per_s"] for r in rows if "loss" in r][1:])
 
 
+def run_bare_process(model_dir: Path, data: Path, steps: int, batch: int) -> float:
+    """run_bare in a fresh process, as ftl runs in one: both start from the same state of the machine."""
+    code = (
+        "import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); "
+        "from bench_train import run_bare; "
+        "rows = [json.loads(x) for x in Path(sys.argv[3]).read_text().splitlines()]; "
+        "print(run_bare(Path(sys.argv[2]), rows, int(sys.argv[4]), int(sys.argv[5])))"
+    )
+    argv = [str(ROOT / "scripts"), str(model_dir), str(data), str(steps), str(batch)]
+    res = subprocess.run([sys.executable, "-c", code, *argv], check=True, capture_output=True, text=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
 def run_bare(model_dir: Path, rows: list[dict], steps: int, batch: int) -> float:
     """The same LoRA step written by hand: tokenise, pad, forward, loss, backward, AdamW, zero_grad."""
     from peft import LoraConfig, get_peft_model
@@ -114,26 +127,58 @@ def run_bare(model_dir: Path, rows: list[dict], steps: int, batch: int) -> float
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", type=Path)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--hidden", type=int, default=512, help="hidden size of the random model (without --model)")
+    ap.add_argument("--repeats", type=int, default=3, help="each measurement runs this often; the median counts")
+    ap.add_argument(
+        "--pack-batch", type=int, default=2, help="packed rows per micro-batch for the equal-memory packing row"
+    )
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        model = args.model or make_model(root)
+        model = args.model or make_model(root, args.hidden)
         same = chat_rows(args.batch * args.steps, 20, 20)  # equal lengths: no padding either way
         (root / "same.jsonl").write_text("".join(json.dumps(r) + "\n" for r in same))
         varied = chat_rows(args.batch * args.steps * 4, 2, 40)
         (root / "varied.jsonl").write_text("".join(json.dumps(r) + "\n" for r in varied))
-        bare = run_bare(model, same, args.steps, args.batch)
-        ftl = run_ftl(model, root / "same.jsonl", root / "ftl", args.steps, args.batch, packing=False)
-        padded = run_ftl(model, root / "varied.jsonl", root / "pad", args.steps, args.batch, packing=False)
-        packed = run_ftl(model, root / "varied.jsonl", root / "pack", args.steps, args.batch, packing=True)
-    print(f"\n| run (LoRA r=16, fp32, micro batch {args.batch}) | useful tokens/s | ratio |")
-    print("| --- | --- | --- |")
-    print(f"| bare PyTorch loop | {bare:.0f} | 1.00 |")
-    print(f"| ftl train | {ftl:.0f} | {ftl / bare:.2f} × bare |")
-    print(f"| ftl, variable-length chat, padding | {padded:.0f} | 1.00 |")
-    print(f"| ftl, variable-length chat, packing | {packed:.0f} | {packed / padded:.2f} × padding |")
+        variants = [
+            ("ftl", "same", False, args.batch),
+            ("pad", "varied", False, args.batch),
+            ("pack", "varied", True, args.batch),
+            ("pack_mem", "varied", True, args.pack_batch),
+        ]
+        runs: dict[str, list[float]] = {"bare": [], **{v[0]: [] for v in variants}}
+        for r in range(args.repeats):  # interleaved, so a slow spell of the machine hits every variant alike
+            runs["bare"].append(run_bare_process(model, root / "same.jsonl", args.steps, args.batch))
+            for name, data, packing, batch in variants:
+                out = root / f"{name}{r}"
+                runs[name].append(run_ftl(model, root / f"{data}.jsonl", out, args.steps, batch, packing))
+    print_table(runs, args)
+
+
+def print_table(runs: dict[str, list[float]], args: argparse.Namespace) -> None:
+    """Median over repeats (the spread shows how noisy the machine was)."""
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    spread = {k: f"{min(v):.0f}–{max(v):.0f}" for k, v in runs.items()}
+    head = (
+        f"LoRA r=16, fp32, hidden {args.hidden}, micro batch {args.batch}, {args.steps} steps, {args.repeats} repeats"
+    )
+    print(f"\n| run ({head}) | useful tokens/s (median) | spread | ratio |")
+    print("| --- | --- | --- | --- |")
+    rows = [
+        ("bare PyTorch loop", "bare", "1.00"),
+        ("ftl train", "ftl", f"{med['ftl'] / med['bare']:.2f} × bare"),
+        ("ftl, variable-length chat, padding", "pad", "1.00"),
+        ("ftl, variable-length chat, packing (same micro batch)", "pack", f"{med['pack'] / med['pad']:.2f} × padding"),
+        (
+            f"ftl, variable-length chat, packing ({args.pack_batch} rows × 256 per micro-batch ≈ padding's memory)",
+            "pack_mem",
+            f"{med['pack_mem'] / med['pad']:.2f} × padding",
+        ),
+    ]
+    for label, key, ratio in rows:
+        print(f"| {label} | {med[key]:.0f} | {spread[key]} | {ratio} |")
 
 
 if __name__ == "__main__":

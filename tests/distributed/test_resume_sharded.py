@@ -33,6 +33,21 @@ def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> Path:
     return write_config(tmp_path / f"{kind}.yaml", cfg)
 
 
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory, models: dict, toy_data: dict):
+    """The uninterrupted 2-rank reference run per (strategy, kind), run once and shared by the tests."""
+    done: dict[tuple[str, str], Path] = {}
+
+    def get(strategy: str, kind: str) -> Path:
+        if (strategy, kind) not in done:
+            root = tmp_path_factory.mktemp(f"straight-{strategy}-{kind}")
+            _run(_config(root, models, toy_data, kind), root / "run", STRATEGY[strategy], 2)
+            done[strategy, kind] = root / "run"
+        return done[strategy, kind]
+
+    return get
+
+
 def _run(cfg: Path, out: Path, overrides: list[str], nproc: int) -> str:
     code, log = finish(start(cfg, f"output_dir={out}", *overrides, nproc=nproc))
     assert code == 0, log[-4000:]
@@ -58,10 +73,11 @@ def _kill_after(cfg: Path, out: Path, overrides: list[str], nproc: int, step: in
         ("zero3", "qlora"),
     ],
 )
-def test_kill_and_resume_is_exact(tmp_path: Path, models: dict, toy_data: dict, strategy: str, kind: str) -> None:
+def test_kill_and_resume_is_exact(
+    tmp_path: Path, models: dict, toy_data: dict, straight, strategy: str, kind: str
+) -> None:
     cfg, extra = _config(tmp_path, models, toy_data, kind), STRATEGY[strategy]
-    ref = tmp_path / "straight"
-    _run(cfg, ref, extra, 2)
+    ref = straight(strategy, kind)
     run = tmp_path / "killed"
     _kill_after(cfg, run, extra, 2, step=5)
     log = _run(cfg, run, extra, 2)
@@ -73,11 +89,10 @@ def test_kill_and_resume_is_exact(tmp_path: Path, models: dict, toy_data: dict, 
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
-def test_resume_on_another_world_size(tmp_path: Path, models: dict, toy_data: dict, strategy: str) -> None:
+def test_resume_on_another_world_size(tmp_path: Path, models: dict, toy_data: dict, straight, strategy: str) -> None:
     """2 ranks × micro 2 → 1 rank × micro 2 × accum 2 (same global batch), and 1 → 2 likewise."""
     cfg, extra = _config(tmp_path, models, toy_data, "lora"), STRATEGY[strategy]
-    ref = tmp_path / "straight"
-    _run(cfg, ref, extra, 2)
+    ref = straight(strategy, "lora")
     down = tmp_path / "down"
     _kill_after(cfg, down, extra, 2, step=5)
     log = _run(cfg, down, [*extra, "train.grad_accum=2"], 0)
