@@ -26,24 +26,11 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 
 def make_model(root: Path, hidden: int = 512) -> Path:
-    import transformers as tf
-    from helpers import build_tokenizer
+    """A random 4-layer Llama of the given width with a word-level tokenizer."""
+    from helpers import build_model
 
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=hidden * 8 // 3,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        vocab_size=80,
-        bos_token_id=2,
-        eos_token_id=3,
-        pad_token_id=0,
-    )
-    tf.LlamaForCausalLM(cfg).save_pretrained(root / "model")
-    build_tokenizer(root / "model")
-    return root / "model"
+    shape = {"hidden_size": hidden, "intermediate_size": hidden * 8 // 3, "num_hidden_layers": 4}
+    return build_model(root / "model", "llama", num_key_value_heads=4, initializer_range=0.02, **shape)
 
 
 def chat_rows(n: int, lo: int, hi: int, seed: int = 0) -> list[dict]:

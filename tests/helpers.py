@@ -60,8 +60,9 @@ def build_tokenizer(out: Path, kind: str = "causal", chat_template: bool = True)
     return out
 
 
-def build_model(out: Path, arch: str = "llama", vocab_size: int = 80, seed: int = 0) -> Path:
-    """A 2-layer random model of the given family with its tokenizer, saved as an HF directory."""
+def build_model(out: Path, arch: str = "llama", vocab_size: int = 80, seed: int = 0, **shape: int) -> Path:
+    """A random model of the given family (2 layers, hidden 32 unless `shape` overrides config fields) with its
+    tokenizer, saved as an HF directory."""
     import torch
     import transformers as tf
 
@@ -70,34 +71,22 @@ def build_model(out: Path, arch: str = "llama", vocab_size: int = 80, seed: int 
         "hidden_size": 32,
         "intermediate_size": 64,
         "num_attention_heads": 4,
+        "num_hidden_layers": 2,
         "vocab_size": vocab_size,
-        "initializer_range": 0.2,
-    }  # wide enough logits that adapters alone can move the loss
+        "initializer_range": 0.2,  # wide enough logits that adapters alone can move the loss
+        **shape,
+    }
     llama_like = {"llama": (tf.LlamaConfig, tf.LlamaForCausalLM), "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM)}
     if arch in llama_like:
         config_cls, model_cls = llama_like[arch]
-        cfg = config_cls(
-            num_hidden_layers=2,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            bos_token_id=2,
-            eos_token_id=3,
-            pad_token_id=0,
-            **small,
-        )
+        kv = {"num_key_value_heads": 2, **small}
+        cfg = config_cls(max_position_embeddings=256, bos_token_id=2, eos_token_id=3, pad_token_id=0, **kv)
         model = model_cls(cfg)
     elif arch == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(
-            num_hidden_layers=2,
-            max_position_embeddings=256,
-            bos_token_id=2,
-            eos_token_id=3,
-            pad_token_id=0,
-            **small,
-        )
+        cfg = tf.GPTNeoXConfig(max_position_embeddings=256, bos_token_id=2, eos_token_id=3, pad_token_id=0, **small)
         model = tf.GPTNeoXForCausalLM(cfg)
     elif arch == "bert":
-        cfg = tf.BertConfig(num_hidden_layers=2, max_position_embeddings=128, pad_token_id=0, **small)
+        cfg = tf.BertConfig(max_position_embeddings=128, pad_token_id=0, **small)
         model = tf.BertForSequenceClassification(cfg)
     else:
         raise ValueError(arch)

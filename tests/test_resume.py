@@ -121,13 +121,9 @@ def test_config_change_on_resume(tmp_path: Path, models: dict, toy_data: dict) -
 
 
 def test_lora_checkpoint_holds_only_the_adapter(tmp_path: Path, toy_data: dict) -> None:
-    import transformers as tf
-    from helpers import build_tokenizer
+    from helpers import build_model
 
-    big = tmp_path / "big"
-    shape = {"hidden_size": 256, "intermediate_size": 512, "num_attention_heads": 4, "num_key_value_heads": 4}
-    tf.LlamaForCausalLM(tf.LlamaConfig(num_hidden_layers=2, vocab_size=80, **shape)).save_pretrained(big)
-    build_tokenizer(big)
+    big = build_model(tmp_path / "big", hidden_size=256, intermediate_size=512, num_key_value_heads=4)
     cfg = base_config(
         tmp_path,
         big,
