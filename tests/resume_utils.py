@@ -44,6 +44,14 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
     return proc.returncode, out
 
 
+def kill_after(cfg_path: Path, out: Path, *overrides: str, step: int, nproc: int = 0, **kw) -> None:
+    """Start a run into `out`, SIGKILL its process group once step `step` is logged. The run is parked in step
+    `step + 1`'s checkpoint write, so whatever was complete at `step` is still the latest complete checkpoint."""
+    proc = start(cfg_path, f"output_dir={out}", *overrides, nproc=nproc, park_at=step + 1, **kw)
+    wait_for(logged_step(out, step), proc)
+    kill_group(proc)
+
+
 def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 1200) -> None:
     deadline = time.monotonic() + timeout
     while not cond():

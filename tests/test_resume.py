@@ -10,7 +10,17 @@ from pathlib import Path
 import psutil
 import pytest
 from helpers import base_config, ftl, read_metrics, write_config
-from resume_utils import final_weights, finish, kill_group, logged_step, losses, max_weight_diff, start, wait_for
+from resume_utils import (
+    final_weights,
+    finish,
+    kill_after,
+    kill_group,
+    logged_step,
+    losses,
+    max_weight_diff,
+    start,
+    wait_for,
+)
 from safetensors.torch import load_file
 
 from launcher.stop import EXIT_STOPPED
@@ -48,9 +58,7 @@ def test_kill_and_resume_is_exact(
     extra = [f"distributed.strategy={strategy}"]
     ref = _straight(cfg, tmp_path / "straight", *extra, nproc=nproc)
     run = tmp_path / "killed"
-    proc = start(cfg, f"output_dir={run}", *extra, nproc=nproc, park_at=6)
-    wait_for(logged_step(run, 5), proc)  # step 4's checkpoint is complete; step 5 is logged but not saved
-    kill_group(proc)
+    kill_after(cfg, run, *extra, step=5, nproc=nproc)  # step 4's checkpoint is complete; step 5 is not saved
     code, log = finish(start(cfg, f"output_dir={run}", *extra, nproc=nproc))
     assert code == 0, log[-3000:]
     assert "resumed from" in log and "at step 4" in log
@@ -66,7 +74,7 @@ def test_kill_during_checkpoint_write_uses_previous(tmp_path: Path, models: dict
     cfg = _config(tmp_path, models, toy_data, "lora")
     ref = _straight(cfg, tmp_path / "straight")
     run = tmp_path / "killed"
-    proc = start(cfg, f"output_dir={run}", env={"FTL_TEST_SLOW_CHECKPOINT": "4:60"})
+    proc = start(cfg, f"output_dir={run}", park_at=4)
     partial = run / "checkpoints" / ".step-00000004.tmp"
     wait_for(lambda: (partial / "trainer_state.json").exists(), proc)
     time.sleep(0.5)
@@ -144,9 +152,7 @@ def test_lora_checkpoint_holds_only_the_adapter(tmp_path: Path, toy_data: dict) 
 def test_wandb_offline_continues_the_same_run(tmp_path: Path, models: dict, toy_data: dict) -> None:
     cfg = _config(tmp_path, models, toy_data, "lora", logging={"wandb": {"enabled": True, "project": "t"}})
     run = tmp_path / "run"
-    proc = start(cfg, f"output_dir={run}", env={"WANDB_SILENT": "true"}, park_at=6)
-    wait_for(logged_step(run, 5), proc)
-    kill_group(proc)
+    kill_after(cfg, run, step=5, env={"WANDB_SILENT": "true"})
     code, log = finish(start(cfg, f"output_dir={run}"))
     assert code == 0, log[-3000:]
     run_id = (run / "wandb_id.txt").read_text().strip()

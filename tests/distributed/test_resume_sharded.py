@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import base_config, write_config
-from resume_utils import final_weights, finish, kill_group, logged_step, losses, max_weight_diff, start, wait_for
+from resume_utils import final_weights, finish, kill_after, losses, max_weight_diff, start
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -54,12 +54,6 @@ def _run(cfg: Path, out: Path, overrides: list[str], nproc: int) -> str:
     return log
 
 
-def _kill_after(cfg: Path, out: Path, overrides: list[str], nproc: int, step: int) -> None:
-    proc = start(cfg, f"output_dir={out}", *overrides, nproc=nproc, park_at=step + 1)
-    wait_for(logged_step(out, step), proc)
-    kill_group(proc)
-
-
 @pytest.mark.parametrize(
     ("strategy", "kind"),
     [
@@ -79,7 +73,7 @@ def test_kill_and_resume_is_exact(
     cfg, extra = _config(tmp_path, models, toy_data, kind), STRATEGY[strategy]
     ref = straight(strategy, kind)
     run = tmp_path / "killed"
-    _kill_after(cfg, run, extra, 2, step=5)
+    kill_after(cfg, run, *extra, step=5, nproc=2)
     log = _run(cfg, run, extra, 2)
     assert "at step 4" in log
     got, want = losses(run), losses(ref)
@@ -94,11 +88,11 @@ def test_resume_on_another_world_size(tmp_path: Path, models: dict, toy_data: di
     cfg, extra = _config(tmp_path, models, toy_data, "lora"), STRATEGY[strategy]
     ref = straight(strategy, "lora")
     down = tmp_path / "down"
-    _kill_after(cfg, down, extra, 2, step=5)
+    kill_after(cfg, down, *extra, step=5, nproc=2)
     log = _run(cfg, down, [*extra, "train.grad_accum=2"], 0)
     assert "at step 4" in log and "saved by 2 rank(s)" in log
     up = tmp_path / "up"
-    _kill_after(cfg, up, [*extra, "train.grad_accum=2"], 0, step=5)
+    kill_after(cfg, up, *extra, "train.grad_accum=2", step=5)
     log = _run(cfg, up, extra, 2)
     assert "at step 4" in log and "saved by 1 rank(s)" in log
     want = losses(ref)
