@@ -117,12 +117,14 @@ class CheckpointManager:
         self.root = checkpoint_root(cfg)
         self.last_save_time = time.monotonic()
 
-    def due(self, step: int) -> bool:
-        """Whether the cadence (every_steps / every_minutes) asks for a checkpoint after `step`."""
-        c = self.cfg.checkpoint
-        if c.every_steps and step % c.every_steps == 0:
-            return True
-        return bool(c.every_minutes) and time.monotonic() - self.last_save_time >= c.every_minutes * 60
+    def due_by_steps(self, step: int) -> bool:
+        """Whether `every_steps` asks for a checkpoint after `step` (the same answer on every rank)."""
+        return bool(self.cfg.checkpoint.every_steps) and step % self.cfg.checkpoint.every_steps == 0
+
+    def due_by_time(self) -> bool:
+        """Whether `every_minutes` has passed on this rank's clock; ranks must agree on it (StopRequest)."""
+        minutes = self.cfg.checkpoint.every_minutes
+        return bool(minutes) and time.monotonic() - self.last_save_time >= minutes * 60
 
     def save(self, strategy: Strategy, state: TrainState) -> Path:
         """Write a complete checkpoint for `state.step` (all ranks call this)."""

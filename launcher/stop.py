@@ -39,13 +39,18 @@ class StopRequest:
             self.reason = "checkpoint.max_minutes reached"
         return self.reason is not None
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank wants to stop."""
-        flag = self._local()
+    def agreed(self, want_save: bool = False) -> tuple[bool, bool]:
+        """(stop, save) as every rank sees them: each is true on all ranks when any rank wants it.
+
+        `want_save` carries this rank's time-based checkpoint cadence through the same all-reduce, so a
+        clock that crosses `every_minutes` on one rank but not yet on another cannot split the ranks."""
+        flags = [self._local(), want_save]
         if not self.env.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.env.device if self.env.device.type == "cuda" else "cpu")
+            return flags[0], flags[1]
+        device = self.env.device if self.env.device.type == "cuda" else "cpu"
+        t = torch.tensor([float(f) for f in flags], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        if t.item() > 0 and self.reason is None:
+        stop, save = (bool(v > 0) for v in t.tolist())
+        if stop and self.reason is None:
             self.reason = "another rank asked to stop"
-        return t.item() > 0
+        return stop, save

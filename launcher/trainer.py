@@ -227,8 +227,9 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
             metrics = evaluate(strategy, data.eval, cfg, env, tokenizer.pad_token_id)
             if writer:
                 writer.write({"step": state.step, **metrics})
-        stopping = stop.agreed() and state.step < steps
-        if stopping or (ckpt.due(state.step) and state.step < steps):
+        stopping, save_by_time = stop.agreed(ckpt.due_by_time())
+        stopping = stopping and state.step < steps
+        if stopping or ((save_by_time or ckpt.due_by_steps(state.step)) and state.step < steps):
             state.wandb_id = writer.wandb_id if writer else None
             ckpt.save(strategy, state)
         if stopping:

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,20 +29,25 @@ def start(
         full_env.pop(key, None)
     args = [sys.executable, "-m", "launcher", "train", str(cfg_path), *overrides]
     args += ["--nproc", str(nproc)] if nproc else []
-    return subprocess.Popen(
-        args,
-        cwd=ROOT,
-        env=full_env,
-        start_new_session=True,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    # A file, not a pipe: nobody reads a pipe while a test waits for a step, and once 64 KiB of rank output
+    # (library warnings) fill it, the writing rank blocks and every other rank hangs in its next collective.
+    log_file = tempfile.TemporaryFile(mode="w+", prefix="ftl-test-")  # noqa: SIM115 (lives as long as proc)
+    proc = subprocess.Popen(
+        args, cwd=ROOT, env=full_env, start_new_session=True, stdout=log_file, stderr=subprocess.STDOUT, text=True
     )
+    proc.log_file = log_file
+    return proc
+
+
+def output(proc: subprocess.Popen) -> str:
+    """Everything the process group printed so far."""
+    proc.log_file.seek(0)
+    return proc.log_file.read()
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    out, _ = proc.communicate(timeout=timeout)
-    return proc.returncode, out
+    proc.wait(timeout=timeout)
+    return proc.returncode, output(proc)
 
 
 def kill_after(cfg_path: Path, out: Path, *overrides: str, step: int, nproc: int = 0, **kw) -> None:
@@ -56,7 +62,7 @@ def wait_for(cond: Callable[[], bool], proc: subprocess.Popen, timeout: float = 
     deadline = time.monotonic() + timeout
     while not cond():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended before the condition: {proc.communicate()[0][-3000:]}")
+            raise AssertionError(f"process ended before the condition: {output(proc)[-3000:]}")
         if time.monotonic() > deadline:
             raise AssertionError("timed out waiting")
         time.sleep(0.05)

@@ -104,6 +104,22 @@ def test_sigusr1_to_one_rank_stops_all_with_a_checkpoint(tmp_path: Path, models:
     assert "stopped early" in log
 
 
+def test_time_cadence_and_deadline_are_agreed_by_all_ranks(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """every_minutes saves and max_minutes stops a 2-rank run; each rank reads its own clock, so the ranks must
+    agree at the step boundary or one would enter a checkpoint's barrier while the other trains on."""
+    timing = {"every_steps": 0, "every_minutes": 0.02, "max_minutes": 0.25, "keep_last": 1000}
+    cfg = _config(tmp_path, models, toy_data, "lora", checkpoint=timing)
+    run = tmp_path / "run"
+    proc = start(cfg, f"output_dir={run}", "train.max_steps=100000", "distributed.strategy=ddp", nproc=2)
+    code, log = finish(proc, timeout=300)
+    assert code == EXIT_STOPPED and "max_minutes reached" in log, log[-3000:]
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    steps = [int(p.name.removeprefix("step-")) for p in saved]
+    assert steps[-1] == max(losses(run))  # the deadline saved the last step it trained
+    assert 3 <= len(saved) < steps[-1]  # saved by the clock along the way, not after every step
+    assert all((p / "COMPLETE").exists() and (p / "rng-rank1.pt").exists() for p in saved)
+
+
 def test_stop_file_and_retention(tmp_path: Path, models: dict, toy_data: dict) -> None:
     cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 1, "keep_last": 2, "keep_every": 3})
     run = _straight(cfg, tmp_path / "run")

@@ -19,6 +19,7 @@ import os
 import shutil
 import socket
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,23 @@ CKPT_META = "ftl_deepspeed.json"
 SHARDING_FILE = "sharding.json"
 
 
+def quiet_deepspeed_collective_warnings() -> None:
+    """Silence torch's deprecation notice for the collectives DeepSpeed calls on every step.
+
+    Something in the step re-arms Python's once-per-location warning registry, so each rank printed it
+    ~9 times per ZeRO-3 step: megabytes of log in a long run, and nothing a user can act on."""
+    for name in ("reduce_scatter_tensor", "all_gather_into_tensor"):
+        pattern = rf"`torch\.distributed\.{name}` is deprecated"
+        warnings.filterwarnings("ignore", message=pattern, category=FutureWarning)
+
+
 def init_deepspeed_dist(env: DistEnv, timeout_minutes: float) -> None:
     """Join (or, for a lone process, create) the process group DeepSpeed needs: gloo on CPU, nccl on CUDA.
 
     When ftl's launcher/dist.py already started the group, DeepSpeed wraps it."""
     import deepspeed
 
+    quiet_deepspeed_collective_warnings()
     if not dist.is_initialized():
         defaults = {"RANK": env.rank, "WORLD_SIZE": env.world_size, "LOCAL_RANK": env.local_rank}
         for key, value in defaults.items():

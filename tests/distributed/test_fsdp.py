@@ -175,11 +175,12 @@ def _drive(nproc: int, config: Path, phase: str, work: Path, kinds: str, *overri
                 RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
             )
         args = [sys.executable, str(DRIVER), str(config), phase, str(work), kinds, *overrides]
-        procs.append(
-            subprocess.Popen(args, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        )
-    outputs = [p.communicate(timeout=300)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outputs)
+        log = work / f"{phase}-rank{rank}.log"  # a file: an undrained pipe can block a rank mid-collective
+        with log.open("w") as f:
+            procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True))
+    codes = [p.wait(timeout=300) for p in procs]
+    outputs = [(work / f"{phase}-rank{rank}.log").read_text() for rank in range(nproc)]
+    assert codes == [0] * nproc, "\n".join(o[-3000:] for o in outputs)
 
 
 def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: dict, toy_data: dict) -> None:
