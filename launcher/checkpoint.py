@@ -34,6 +34,8 @@ from launcher.metrics import log
 from launcher.strategies.base import Strategy
 
 MARKER = "COMPLETE"
+# Upstream formats that unpickle on load (DCP's .metadata, DeepSpeed's engine files): never from a foreign path.
+PICKLED_FORMATS = {"fsdp": "FSDP (torch.distributed.checkpoint)", "deepspeed": "DeepSpeed"}
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # "STEP:SECONDS": the write of that step's checkpoint pauses before the rename (tests kill it mid-write).
 SLOW_WRITE_ENV = "FTL_TEST_SLOW_CHECKPOINT"
@@ -195,6 +197,14 @@ class CheckpointManager:
         path = Path(resume)
         if not (path / MARKER).is_file():
             raise ConfigError([f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)"])
+        if self.strategy_name in PICKLED_FORMATS and not path.resolve().is_relative_to(self.root.resolve()):
+            raise ConfigError(
+                [
+                    f"checkpoint.resume: {path} is outside this run's checkpoints ({self.root}); "
+                    f"{PICKLED_FORMATS[self.strategy_name]} checkpoints contain pickles, which ftl loads only "
+                    "from the run's own checkpoint directory (copy it there if you trust its source)"
+                ]
+            )
         return path
 
     def load(self, strategy: Strategy, path: Path) -> TrainState:

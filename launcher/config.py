@@ -6,6 +6,7 @@ Validation collects every problem (pydantic's and the cross-field checks below) 
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -86,6 +87,12 @@ class TrainConfig(_Section):
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float | None = Field(1.0, description="Clip the global grad norm; null: no clipping.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute precision.")
+    fp16_initial_scale: float = Field(
+        65536.0, gt=0, description="fp16: the loss scale to start from, a power of two (halved on overflow)."
+    )
+    fp16_growth_interval: int = Field(
+        2000, ge=1, description="fp16: steps without overflow after which the loss scale doubles."
+    )
     gradient_checkpointing: bool = Field(False, description="Recompute activations (non-reentrant).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_batches: int | None = Field(None, ge=1, description="Cap on eval batches per evaluation.")
@@ -240,8 +247,10 @@ def cross_field_problems(cfg: Config) -> list[str]:
         p.append("data.train: required (a JSONL/JSON/CSV/Parquet file or a list of them)")
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         p.append("train.max_steps / train.epochs: set at least one (both are unset)")
-    if cfg.train.precision == "fp16" and not _cuda_available():
-        p.append("train.precision: fp16 needs a CUDA GPU (loss scaling); use fp32 or bf16 on CPU")
+    if cfg.train.precision == "fp16" and cfg.distributed.strategy == "deepspeed" and not _cuda_available():
+        p.append("train.precision: fp16 under DeepSpeed needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if not math.log2(cfg.train.fp16_initial_scale).is_integer():
+        p.append(f"train.fp16_initial_scale: {cfg.train.fp16_initial_scale:g} is not a power of two")
     if cfg.data.packing and cfg.data.format == "classification":
         p.append("data.packing: cannot pack with data.format=classification (one label per row)")
     is_cls_task = cfg.model.task == "sequence_classification"

@@ -56,9 +56,10 @@ class MetricsWriter:
             self.bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             return
         eta = (self.total - row["step"]) * row.get("step_time", 0.0)
+        scale = f" loss_scale={row['loss_scale']:g}" if "loss_scale" in row else ""
         log(
             f"step {row['step']}/{self.total} loss={row['loss']:.4f} lr={row['lr']:.2e} "
-            f"grad_norm={row['grad_norm']:.3f} tokens/s={row['tokens_per_s']:.0f} eta={eta:.0f}s"
+            f"grad_norm={row['grad_norm']:.3f}{scale} tokens/s={row['tokens_per_s']:.0f} eta={eta:.0f}s"
         )
 
     def _say(self, msg: str) -> None:

@@ -189,7 +189,7 @@ def optimizer_step(
     state.samples += sampler.global_batch
     state.tokens += tokens
     dt = time.perf_counter() - t0
-    return {
+    row = {
         "step": state.step,
         "loss": loss,
         "lr": strategy.optimizer.param_groups[0]["lr"],
@@ -200,6 +200,9 @@ def optimizer_step(
         "samples": state.samples,
         "epoch": state.samples / len(data.train),
     }
+    if strategy.loss_scale() is not None:
+        row["loss_scale"] = strategy.loss_scale()
+    return row
 
 
 def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:

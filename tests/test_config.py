@@ -37,7 +37,8 @@ def test_every_problem_is_reported_at_once(cfg_file: Path) -> None:
     ("overrides", "field"),
     [
         (["method.kind=full", "method.qlora.quant_type=fp4"], "method.qlora"),
-        (["train.precision=fp16"], "train.precision"),
+        (["train.precision=fp16", "distributed.strategy=deepspeed"], "train.precision"),
+        (["train.fp16_initial_scale=1000"], "train.fp16_initial_scale"),
         (["data.packing=true", "data.format=classification", "model.task=sequence_classification"], "data.packing"),
         (["train.max_steps=null"], "train.max_steps / train.epochs"),
         (["model.task=sequence_classification"], "data.format"),

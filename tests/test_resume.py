@@ -47,15 +47,27 @@ def _straight(cfg: Path, out: Path, *overrides: str, nproc: int = 0) -> Path:
     return out
 
 
+# fp16 starts at a loss scale that overflows and grows it every step, so the scale moves across the resume
+# point: a resumed run that did not restore the grad scaler would skip different steps.
+FP16 = ["train.precision=fp16", f"train.fp16_initial_scale={2**20}", "train.fp16_growth_interval=1"]
+
+
 @pytest.mark.parametrize(
-    ("kind", "strategy", "nproc"),
-    [("full", "single", 0), ("lora", "single", 0), ("lora", "ddp", 2), ("full", "ddp", 2)],
+    ("kind", "strategy", "nproc", "precision"),
+    [
+        ("full", "single", 0, []),
+        ("lora", "single", 0, []),
+        ("lora", "ddp", 2, []),
+        ("full", "ddp", 2, []),
+        ("full", "single", 0, FP16),
+    ],
+    ids=["full-single", "lora-single", "lora-ddp", "full-ddp", "full-single-fp16"],
 )
 def test_kill_and_resume_is_exact(
-    tmp_path: Path, models: dict, toy_data: dict, kind: str, strategy: str, nproc: int
+    tmp_path: Path, models: dict, toy_data: dict, kind: str, strategy: str, nproc: int, precision: list[str]
 ) -> None:
     cfg = _config(tmp_path, models, toy_data, kind)
-    extra = [f"distributed.strategy={strategy}"]
+    extra = [f"distributed.strategy={strategy}", *precision]
     ref = _straight(cfg, tmp_path / "straight", *extra, nproc=nproc)
     run = tmp_path / "killed"
     kill_after(cfg, run, *extra, step=5, nproc=nproc)  # step 4's checkpoint is complete; step 5 is not saved
@@ -68,6 +80,9 @@ def test_kill_and_resume_is_exact(
     assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-6
     ids = lambda r: [x["sample_ids"] for x in read_metrics(r) if "sample_ids" in x]  # noqa: E731
     assert ids(run) == ids(ref)  # the data order continued exactly; nothing replayed or skipped
+    if precision:
+        scales = lambda r: [x["loss_scale"] for x in read_metrics(r) if "loss" in x]  # noqa: E731
+        assert scales(run) == scales(ref) and len(set(scales(ref))) > 2  # the scaler resumed mid-flight
 
 
 def test_kill_during_checkpoint_write_uses_previous(tmp_path: Path, models: dict, toy_data: dict) -> None:
@@ -142,6 +157,21 @@ def test_config_change_on_resume(tmp_path: Path, models: dict, toy_data: dict) -
     assert res.returncode == 2 and "global batch" in res.stderr
     res = ftl("train", str(cfg), f"output_dir={run}", "logging.every_steps=2", "train.grad_accum=1")
     assert res.returncode == 0 and "resumed from" in res.stderr
+
+
+def test_resume_from_a_path(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """checkpoint.resume: PATH continues another run's safetensors checkpoint exactly; a pickled format (FSDP's
+    DCP metadata) is loaded only from the run's own checkpoints, so a foreign one exits 2 before training."""
+    cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 2, "keep_last": 5})
+    src = _straight(cfg, tmp_path / "src", "train.max_steps=4")
+    path = f"checkpoint.resume={src}/checkpoints/step-00000002"
+    res = ftl("train", str(cfg), f"output_dir={tmp_path / 'b'}", "train.max_steps=4", path)
+    assert res.returncode == 0 and "at step 2" in res.stderr, res.stderr[-3000:]
+    got, want = losses(tmp_path / "b"), losses(src)
+    assert sorted(got) == [3, 4] and [got[3], got[4]] == pytest.approx([want[3], want[4]], rel=1e-6)
+    res = ftl("train", str(cfg), f"output_dir={tmp_path / 'c'}", "distributed.strategy=fsdp", path)
+    assert res.returncode == 2 and "checkpoint.resume" in res.stderr and "pickles" in res.stderr
+    assert not (tmp_path / "c" / "metrics.jsonl").exists()
 
 
 def test_lora_checkpoint_holds_only_the_adapter(tmp_path: Path, toy_data: dict) -> None:

@@ -78,6 +78,19 @@ class Strategy(ABC):
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
+    def make_scaler(self, scaler_class: type = torch.amp.GradScaler) -> torch.amp.GradScaler | None:
+        """A loss scaler for fp16 (None otherwise), started and grown as train.fp16_* say."""
+        t = self.cfg.train
+        if t.precision != "fp16":
+            return None
+        return scaler_class(
+            self.env.device.type, init_scale=t.fp16_initial_scale, growth_interval=t.fp16_growth_interval
+        )
+
+    def loss_scale(self) -> float | None:
+        """The fp16 loss scale in use (None without loss scaling); a skipped step halves it."""
+        return float(self.scaler.get_scale()) if self.scaler else None
+
     def clip_grad_norm(self, params: list[nn.Parameter], max_grad_norm: float | None) -> float:
         """The global grad norm (clipped to max_grad_norm when set); sharded strategies reduce over shards."""
         return float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf")))

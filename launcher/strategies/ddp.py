@@ -18,8 +18,7 @@ class DDPStrategy(Strategy):
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.model = DistributedDataParallel(model, device_ids=device_ids)
         self.optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
-        if self.cfg.train.precision == "fp16":
-            self.scaler = torch.amp.GradScaler(self.env.device.type)
+        self.scaler = self.make_scaler()
         return self.model
 
     @property

@@ -169,6 +169,12 @@ class DeepSpeedStrategy(Strategy):
         norm = self.engine.get_global_grad_norm()
         return float(norm) if norm is not None else float("nan")
 
+    def loss_scale(self) -> float | None:
+        """DeepSpeed's own dynamic fp16 loss scale (it keeps and checkpoints its scaler)."""
+        if self.cfg.train.precision != "fp16":
+            return None
+        return float(getattr(self.engine.optimizer, "loss_scale", 0.0)) or None
+
     def local_numel(self) -> tuple[int, int]:
         """(parameter elements this rank holds, optimizer-state elements this rank holds).
 

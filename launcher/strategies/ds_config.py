@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,12 @@ def _ftl_values(cfg: Config, world_size: int | None) -> dict[tuple[str, ...], tu
         ("bf16", "enabled"): ("train.precision", t.precision, t.precision == "bf16"),
         ("bfloat16", "enabled"): ("train.precision", t.precision, t.precision == "bf16"),
         ("fp16", "enabled"): ("train.precision", t.precision, t.precision == "fp16"),
+        ("fp16", "initial_scale_power"): (
+            "train.fp16_initial_scale",
+            t.fp16_initial_scale,
+            round(math.log2(t.fp16_initial_scale)),
+        ),
+        ("fp16", "loss_scale_window"): ("train.fp16_growth_interval", t.fp16_growth_interval, t.fp16_growth_interval),
     }
     if world_size:
         batch = t.micro_batch_size * t.grad_accum * world_size

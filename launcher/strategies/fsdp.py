@@ -40,6 +40,7 @@ from launcher.strategies.base import OptimizerFactory, Strategy
 
 MP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARDING_FILE = "sharding.json"
+SCALER_FILE = "grad_scaler.json"
 
 
 def ensure_process_group(env: DistEnv) -> None:
@@ -180,10 +181,9 @@ class FSDPStrategy(Strategy):
             self._broadcast_from_rank0(model)
         self.model = model
         self.optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
-        if self.cfg.train.precision == "fp16":
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
-            self.scaler = ShardedGradScaler(self.env.device.type)
+        self.scaler = self.make_scaler(ShardedGradScaler)
         return model
 
     def _broadcast_from_rank0(self, model: nn.Module) -> None:
@@ -244,6 +244,8 @@ class FSDPStrategy(Strategy):
         """Sharded DCP checkpoint of the model (trainable parameters only for adapters) and optimizer."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
+        if self.scaler and self.env.is_main:  # plain numbers, the same on every rank
+            (directory / SCALER_FILE).write_text(json.dumps(self.scaler.state_dict()))
 
     def load_checkpoint(self, directory: Path) -> None:
         """Load a DCP checkpoint into the current sharding (any world size: DCP reshards)."""
@@ -257,6 +259,8 @@ class FSDPStrategy(Strategy):
             optim_state_dict=state["optimizer"],
             options=self._options(strict=not self._adapters),
         )
+        if self.scaler and (directory / SCALER_FILE).is_file():
+            self.scaler.load_state_dict(json.loads((directory / SCALER_FILE).read_text()))
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Every parameter gathered to rank 0 on CPU (QLoRA: the adapter only); empty on other ranks."""

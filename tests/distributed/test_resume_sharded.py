@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import base_config, write_config
+from helpers import base_config, read_metrics, write_config
 from resume_utils import final_weights, finish, kill_after, losses, max_weight_diff, start
 
 pytestmark = pytest.mark.slow
@@ -18,15 +18,19 @@ STRATEGY = {
 
 
 def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> Path:
-    method = {"kind": kind, "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    """kind: full | lora | qlora, or full-fp16 (a loss scale that overflows and grows every step)."""
+    method = {"kind": kind.removesuffix("-fp16"), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
     if kind == "qlora":
         method["qlora"] = {"compute_dtype": "float32"}
+    train = {"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2}
+    if kind.endswith("-fp16"):
+        train |= {"precision": "fp16", "fp16_initial_scale": 2**20, "fp16_growth_interval": 1}
     cfg = base_config(
         tmp_path,
         models["llama"],
         toy_data["completion"],
         method=method,
-        train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
+        train=train,
         checkpoint={"every_steps": 2, "keep_last": 2},
         logging={"sample_ids": True},
     )
@@ -65,6 +69,7 @@ def _run(cfg: Path, out: Path, overrides: list[str], nproc: int) -> str:
         ("zero3", "lora"),
         ("fsdp", "qlora"),
         ("zero3", "qlora"),
+        ("fsdp", "full-fp16"),
     ],
 )
 def test_kill_and_resume_is_exact(
@@ -80,6 +85,9 @@ def test_kill_and_resume_is_exact(
     assert sorted(got) == list(range(1, STEPS + 1))
     assert [got[s] for s in range(5, STEPS + 1)] == pytest.approx([want[s] for s in range(5, STEPS + 1)], rel=1e-6)
     assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-6
+    if kind.endswith("-fp16"):  # the sharded grad scaler resumed mid-flight, not from its initial scale
+        scales = lambda r: [x["loss_scale"] for x in read_metrics(r) if "loss" in x]  # noqa: E731
+        assert scales(run) == scales(ref) and len(set(scales(ref))) > 2
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
