@@ -221,6 +221,9 @@ class CheckpointManager:
             f"resumed from {path} at step {saved['step']} (saved by {saved['world_size']} rank(s); "
             f"loaded in {time.perf_counter() - t0:.2f}s)"
         )
+        changes = harmless_changes(saved["config"], self.cfg.model_dump(mode="json"))
+        if changes:
+            log_fn(f"config changed since the checkpoint (allowed): {'; '.join(changes)}")
         return TrainState(
             step=saved["step"], samples=saved["samples"], tokens=saved["tokens"], wandb_id=saved.get("wandb_id")
         )
@@ -248,6 +251,19 @@ class CheckpointManager:
             )
         if problems:
             raise ConfigError(problems)
+
+
+def harmless_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """'field (old -> new)' for each field that differs but does not change what the run means."""
+    from launcher.prepare import flatten, meaningful_changes
+
+    a, b = flatten(old), flatten(new)
+    meaningful = set(meaningful_changes(old, new))
+    return [
+        f"{k} ({a.get(k)!r} -> {b.get(k)!r})"
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in meaningful
+    ]
 
 
 def _pause_for_tests(step: int) -> None:

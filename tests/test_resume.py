@@ -157,6 +157,7 @@ def test_config_change_on_resume(tmp_path: Path, models: dict, toy_data: dict) -
     assert res.returncode == 2 and "global batch" in res.stderr
     res = ftl("train", str(cfg), f"output_dir={run}", "logging.every_steps=2", "train.grad_accum=1")
     assert res.returncode == 0 and "resumed from" in res.stderr
+    assert "config changed since the checkpoint (allowed): logging.every_steps (1 -> 2)" in res.stderr
 
 
 def test_resume_from_a_path(tmp_path: Path, models: dict, toy_data: dict) -> None:
