@@ -4,7 +4,7 @@ distributed ones), for a given model and sequence length.
     python scripts/bench_strategies.py [--model DIR] [--seq 128] [--steps 6] [--kind full|lora]
         [--strategies single,ddp,fsdp,zero1,zero2,zero3,zero3_offload]
 
-Without --model it builds a random Llama (hidden 256, 4 layers). Real `ftl train` processes; numbers are
+Without --model it builds a random Llama (hidden 512, 4 layers). Real `ftl train` processes; numbers are
 read from ftl's own metrics.jsonl and log lines. Prints a table.
 """
 
