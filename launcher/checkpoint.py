@@ -28,14 +28,12 @@ import numpy as np
 import torch
 
 from launcher import __version__
-from launcher.config import Config, ConfigError
+from launcher.config import Config, ConfigError, foreign_pickled_resume
 from launcher.dist import DistEnv, barrier
 from launcher.metrics import log
 from launcher.strategies.base import Strategy
 
 MARKER = "COMPLETE"
-# Upstream formats that unpickle on load (DCP's .metadata, DeepSpeed's engine files): never from a foreign path.
-PICKLED_FORMATS = {"fsdp": "FSDP (torch.distributed.checkpoint)", "deepspeed": "DeepSpeed"}
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 # "STEP:SECONDS": the write of that step's checkpoint pauses before the rename (tests kill it mid-write).
 SLOW_WRITE_ENV = "FTL_TEST_SLOW_CHECKPOINT"
@@ -197,14 +195,9 @@ class CheckpointManager:
         path = Path(resume)
         if not (path / MARKER).is_file():
             raise ConfigError([f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)"])
-        if self.strategy_name in PICKLED_FORMATS and not path.resolve().is_relative_to(self.root.resolve()):
-            raise ConfigError(
-                [
-                    f"checkpoint.resume: {path} is outside this run's checkpoints ({self.root}); "
-                    f"{PICKLED_FORMATS[self.strategy_name]} checkpoints contain pickles, which ftl loads only "
-                    "from the run's own checkpoint directory (copy it there if you trust its source)"
-                ]
-            )
+        foreign = foreign_pickled_resume(self.cfg, self.strategy_name)  # strategy "auto" is resolved by now
+        if foreign:
+            raise ConfigError([foreign])
         return path
 
     def load(self, strategy: Strategy, path: Path) -> TrainState:

@@ -268,7 +268,30 @@ def cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"checkpoint.stop_signals: unknown signal name(s) {', '.join(bad)} (e.g. SIGTERM, SIGUSR1)")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
+    foreign = foreign_pickled_resume(cfg, cfg.distributed.strategy)
+    if foreign:
+        p.append(foreign)
     return p
+
+
+# Upstream checkpoint formats that unpickle on load: DCP's .metadata (pickle.load), DeepSpeed's engine files
+# (torch.load with weights_only=False). ftl loads them only from the run's own checkpoint directory.
+PICKLED_FORMATS = {"fsdp": "FSDP (torch.distributed.checkpoint)", "deepspeed": "DeepSpeed"}
+
+
+def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
+    """The problem with `checkpoint.resume: PATH` when `strategy` stores pickles and PATH is not this run's own."""
+    resume = cfg.checkpoint.resume
+    if strategy not in PICKLED_FORMATS or resume in ("auto", "never"):
+        return None
+    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
+    if Path(resume).resolve().is_relative_to(root.resolve()):
+        return None
+    return (
+        f"checkpoint.resume: {resume} is outside this run's checkpoints ({root}); {PICKLED_FORMATS[strategy]} "
+        "checkpoints contain pickles, which ftl loads only from the run's own checkpoint directory "
+        "(copy it there if you trust its source)"
+    )
 
 
 def qlora_problems(raw_method: dict[str, Any]) -> list[str]:

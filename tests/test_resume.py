@@ -162,7 +162,7 @@ def test_config_change_on_resume(tmp_path: Path, models: dict, toy_data: dict) -
 
 def test_resume_from_a_path(tmp_path: Path, models: dict, toy_data: dict) -> None:
     """checkpoint.resume: PATH continues another run's safetensors checkpoint exactly; a pickled format (FSDP's
-    DCP metadata) is loaded only from the run's own checkpoints, so a foreign one exits 2 before training."""
+    DCP metadata) is loaded only from the run's own checkpoints, so a foreign PATH exits 2 at validation."""
     cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 2, "keep_last": 5})
     src = _straight(cfg, tmp_path / "src", "train.max_steps=4")
     path = f"checkpoint.resume={src}/checkpoints/step-00000002"
@@ -172,7 +172,7 @@ def test_resume_from_a_path(tmp_path: Path, models: dict, toy_data: dict) -> Non
     assert sorted(got) == [3, 4] and [got[3], got[4]] == pytest.approx([want[3], want[4]], rel=1e-6)
     res = ftl("train", str(cfg), f"output_dir={tmp_path / 'c'}", "distributed.strategy=fsdp", path)
     assert res.returncode == 2 and "checkpoint.resume" in res.stderr and "pickles" in res.stderr
-    assert not (tmp_path / "c" / "metrics.jsonl").exists()
+    assert "params:" not in res.stderr and not (tmp_path / "c").exists()  # refused before any model loaded
 
 
 def test_lora_checkpoint_holds_only_the_adapter(tmp_path: Path, toy_data: dict) -> None:
