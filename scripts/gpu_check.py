@@ -33,6 +33,7 @@ RUNS = [  # name, method, strategy, extra distributed settings, nproc
     ("FSDP2 full", "full", "fsdp", {}, 1),
     ("ZeRO-3 full", "full", "deepspeed", {"zero_stage": 3}, 1),
 ]
+EXTRA_RUNS = [("fp16 ZeRO-2 full", "full", "deepspeed", {"zero_stage": 2}, 1, "fp16")]  # DeepSpeed's own scaler
 
 
 def build(root: Path, tiny: bool) -> tuple[Path, int]:
@@ -70,8 +71,9 @@ def data(root: Path, seq_words: int) -> Path:
     return path
 
 
-def run(root: Path, model: Path, data_path: Path, spec: tuple, tiny: bool, n_params: int) -> dict:
-    name, kind, strategy, dist, nproc = spec
+def config_for(root: Path, model: Path, data_path: Path, spec: tuple, tiny: bool, **train: int) -> tuple[Path, Path]:
+    """Write the run's YAML; returns (config path, output dir). A 6th spec element names the precision."""
+    name, kind, strategy, dist, _nproc, *precision = spec
     out = root / name.replace(" ", "_")
     cfg = {
         "output_dir": str(out),
@@ -82,13 +84,20 @@ def run(root: Path, model: Path, data_path: Path, spec: tuple, tiny: bool, n_par
             "max_steps": 3 if tiny else 12,
             "micro_batch_size": 2 if tiny else 8,
             "lr": 1e-4,
-            "precision": "bf16",
+            "precision": precision[0] if precision and not tiny else "bf16",
             "gradient_checkpointing": True,
+            **train,
         },
         "distributed": {"strategy": strategy, **dist},
     }
     path = out.with_suffix(".yaml")
     path.write_text(yaml.safe_dump(cfg))
+    return path, out
+
+
+def run(root: Path, model: Path, data_path: Path, spec: tuple, tiny: bool, n_params: int) -> dict:
+    name, nproc = spec[0], spec[4]
+    path, out = config_for(root, model, data_path, spec, tiny)
     args = [sys.executable, "-m", "launcher", "train", str(path)] + (["--nproc", str(nproc)] if nproc else [])
     res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
     if res.returncode != 0:
@@ -105,15 +114,38 @@ def run(root: Path, model: Path, data_path: Path, spec: tuple, tiny: bool, n_par
     }
 
 
+def resume_check(root: Path, model: Path, data_path: Path, tiny: bool) -> str:
+    """bf16 LoRA on the GPU: 8 steps straight vs SIGKILL after step 5 (parked in step 6's save) + resume."""
+    from resume_utils import finish, kill_after, losses, start
+
+    spec = ("resume LoRA", "lora", "single", {}, 0)
+    cfg, out = config_for(root, model, data_path, spec, tiny, max_steps=8, micro_batch_size=2)
+    straight, killed, every = out.with_name("straight"), out.with_name("killed"), "checkpoint.every_steps=2"
+    code, log = finish(start(cfg, f"output_dir={straight}", every))
+    kill_after(cfg, killed, every, step=5)
+    code2, log2 = finish(start(cfg, f"output_dir={killed}", every))
+    if code or code2:
+        return f"resume check failed: {(log if code else log2).strip().splitlines()[-1][:160]}"
+    a, b = losses(straight), losses(killed)
+    diff = max(abs(a[s] - b[s]) / abs(a[s]) for s in range(5, 9))
+    at4 = "at step 4" in log2
+    return f"resume (LoRA, killed after step 5): resumed at step 4: {at4}; max rel loss diff steps 5-8: {diff:.2e}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny model, for a CPU smoke test of this script")
+    ap.add_argument("--extra", action="store_true", help="also fp16 under ZeRO-2 and a kill/resume check (~3 min)")
     args = ap.parse_args()
+    resumed = ""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         model, n_params = build(root, args.tiny)
         data_path = data(root, 40 if args.tiny else 1200)
-        results = [run(root, model, data_path, spec, args.tiny, n_params) for spec in RUNS]
+        specs = RUNS + (EXTRA_RUNS if args.extra else [])
+        results = [run(root, model, data_path, spec, args.tiny, n_params) for spec in specs]
+        if args.extra:
+            resumed = resume_check(root, model, data_path, args.tiny)
     print(f"\nmodel: Llama, {n_params / 1e6:.0f}M parameters")
     print("| run | tokens/s | peak memory (MiB) | MFU | last loss |")
     print("| --- | --- | --- | --- | --- |")
@@ -122,6 +154,8 @@ def main() -> None:
             print(f"| {r['run']} | failed: {r['error']} | | | |")
         else:
             print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['peak_mib']} | {r['mfu']:.1%} | {r['loss']:.3f} |")
+    if resumed:
+        print(resumed)
 
 
 if __name__ == "__main__":
