@@ -1,7 +1,8 @@
 """Graceful stop: signals, a STOP file and a wall-clock deadline become one flag all ranks agree on.
 
 A signal handler only sets a flag. At each step boundary the ranks all-reduce MAX of their flags, so when
-any rank was asked to stop, every rank saves the same checkpoint and exits with EXIT_STOPPED.
+any rank was asked to stop, every rank saves the same checkpoint and exits with EXIT_STOPPED. The same
+all-reduce carries the `every_minutes` checkpoint cadence, which each rank can only judge by its own clock.
 """
 
 from __future__ import annotations

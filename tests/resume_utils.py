@@ -91,6 +91,11 @@ def losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def loss_scales(run: Path) -> list[float]:
+    """The fp16 loss scale after each logged training step."""
+    return [r["loss_scale"] for r in read_metrics(run) if "loss" in r]
+
+
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
     final = run / "final"
     files = list(final.glob("*.safetensors"))

@@ -16,6 +16,7 @@ from resume_utils import (
     kill_after,
     kill_group,
     logged_step,
+    loss_scales,
     losses,
     max_weight_diff,
     start,
@@ -81,8 +82,7 @@ def test_kill_and_resume_is_exact(
     ids = lambda r: [x["sample_ids"] for x in read_metrics(r) if "sample_ids" in x]  # noqa: E731
     assert ids(run) == ids(ref)  # the data order continued exactly; nothing replayed or skipped
     if precision:
-        scales = lambda r: [x["loss_scale"] for x in read_metrics(r) if "loss" in x]  # noqa: E731
-        assert scales(run) == scales(ref) and len(set(scales(ref))) > 2  # the scaler resumed mid-flight
+        assert loss_scales(run) == loss_scales(ref) and len(set(loss_scales(ref))) > 2  # resumed mid-flight
 
 
 def test_kill_during_checkpoint_write_uses_previous(tmp_path: Path, models: dict, toy_data: dict) -> None:
