@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from launcher import __version__
-from launcher.config import Config, ConfigError, foreign_pickled_resume
+from launcher.config import Config, ConfigError, checkpoint_root
 from launcher.dist import DistEnv, barrier
 from launcher.metrics import log
 from launcher.strategies.base import Strategy
@@ -51,10 +51,6 @@ class TrainState:
 
 def config_hash(cfg: Config) -> str:
     return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
-
-
-def checkpoint_root(cfg: Config) -> Path:
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -195,9 +191,6 @@ class CheckpointManager:
         path = Path(resume)
         if not (path / MARKER).is_file():
             raise ConfigError([f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)"])
-        foreign = foreign_pickled_resume(self.cfg, self.strategy_name)  # strategy "auto" is resolved by now
-        if foreign:
-            raise ConfigError([foreign])
         return path
 
     def load(self, strategy: Strategy, path: Path) -> TrainState:

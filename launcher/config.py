@@ -247,8 +247,6 @@ def cross_field_problems(cfg: Config) -> list[str]:
         p.append("data.train: required (a JSONL/JSON/CSV/Parquet file or a list of them)")
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         p.append("train.max_steps / train.epochs: set at least one (both are unset)")
-    if cfg.train.precision == "fp16" and cfg.distributed.strategy == "deepspeed" and not _cuda_available():
-        p.append("train.precision: fp16 under DeepSpeed needs a CUDA GPU; use fp32 or bf16 on CPU")
     if not math.log2(cfg.train.fp16_initial_scale).is_integer():
         p.append(f"train.fp16_initial_scale: {cfg.train.fp16_initial_scale:g} is not a power of two")
     if cfg.data.packing and cfg.data.format == "classification":
@@ -268,10 +266,25 @@ def cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"checkpoint.stop_signals: unknown signal name(s) {', '.join(bad)} (e.g. SIGTERM, SIGUSR1)")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
-    foreign = foreign_pickled_resume(cfg, cfg.distributed.strategy)
+    p += strategy_problems(cfg, cfg.distributed.strategy, _cuda_available())
+    return p
+
+
+def strategy_problems(cfg: Config, strategy: str, cuda: bool) -> list[str]:
+    """What the strategy cannot do with this config: checked at validation for an explicit strategy, and
+    again by the trainer once `auto` is resolved (from the launcher's environment)."""
+    p: list[str] = []
+    if cfg.train.precision == "fp16" and strategy == "deepspeed" and not cuda:
+        p.append("train.precision: fp16 under DeepSpeed needs a CUDA GPU; use fp32 or bf16 on CPU")
+    foreign = foreign_pickled_resume(cfg, strategy)
     if foreign:
         p.append(foreign)
     return p
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    """Where the run's checkpoints live: checkpoint.dir, else OUTPUT_DIR/checkpoints."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
 
 
 # Upstream checkpoint formats that unpickle on load: DCP's .metadata (pickle.load), DeepSpeed's engine files
@@ -284,7 +297,7 @@ def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
     resume = cfg.checkpoint.resume
     if strategy not in PICKLED_FORMATS or resume in ("auto", "never"):
         return None
-    root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
+    root = checkpoint_root(cfg)
     if Path(resume).resolve().is_relative_to(root.resolve()):
         return None
     return (

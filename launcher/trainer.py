@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from launcher.checkpoint import CheckpointManager, TrainState
-from launcher.config import Config, ConfigError
+from launcher.config import Config, ConfigError, strategy_problems
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from launcher.metrics import MetricsWriter, log
@@ -200,14 +200,18 @@ def optimizer_step(
         "samples": state.samples,
         "epoch": state.samples / len(data.train),
     }
-    if strategy.loss_scale() is not None:
-        row["loss_scale"] = strategy.loss_scale()
+    scale = strategy.loss_scale()
+    if scale is not None:
+        row["loss_scale"] = scale
     return row
 
 
 def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:
     t = cfg.train
     strategy = make_strategy(cfg, env)
+    problems = strategy_problems(cfg, strategy.name, env.device.type == "cuda")  # `auto` is resolved now
+    if problems:
+        raise ConfigError(problems)
     strategy.setup(strategy.build_model(), functools.partial(build_optimizer, t))
     sampler = make_sampler(cfg, env, data)
     steps = total_steps(cfg, sampler)

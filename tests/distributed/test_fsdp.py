@@ -167,6 +167,7 @@ def _free_port() -> int:
 def _drive(nproc: int, config: Path, phase: str, work: Path, kinds: str, *overrides: str) -> None:
     """Run the checkpoint driver on nproc ranks (a plain process when 1)."""
     port, procs = str(_free_port()), []
+    logs = [work / f"{phase}-rank{rank}.log" for rank in range(nproc)]  # files: an undrained pipe can block a rank
     for rank in range(nproc):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
@@ -175,12 +176,10 @@ def _drive(nproc: int, config: Path, phase: str, work: Path, kinds: str, *overri
                 RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port
             )
         args = [sys.executable, str(DRIVER), str(config), phase, str(work), kinds, *overrides]
-        log = work / f"{phase}-rank{rank}.log"  # a file: an undrained pipe can block a rank mid-collective
-        with log.open("w") as f:
+        with logs[rank].open("w") as f:
             procs.append(subprocess.Popen(args, env=env, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True))
     codes = [p.wait(timeout=300) for p in procs]
-    outputs = [(work / f"{phase}-rank{rank}.log").read_text() for rank in range(nproc)]
-    assert codes == [0] * nproc, "\n".join(o[-3000:] for o in outputs)
+    assert codes == [0] * nproc, "\n".join(log.read_text()[-3000:] for log in logs)
 
 
 def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: dict, toy_data: dict) -> None:
