@@ -35,7 +35,8 @@ from launcher.strategies.base import Strategy
 
 MARKER = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-# "STEP:SECONDS": the write of that step's checkpoint pauses before the rename (tests kill it mid-write).
+# "STEP:SECONDS[,STEP:SECONDS...]": the write of those steps' checkpoints pauses before the rename (tests kill
+# or signal a run at a known point).
 SLOW_WRITE_ENV = "FTL_TEST_SLOW_CHECKPOINT"
 
 
@@ -253,9 +254,10 @@ def harmless_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 
 def _pause_for_tests(step: int) -> None:
-    spec = os.environ.get(SLOW_WRITE_ENV, "")
-    if spec and int(spec.split(":")[0]) == step:
-        time.sleep(float(spec.split(":")[1]))
+    for item in filter(None, os.environ.get(SLOW_WRITE_ENV, "").split(",")):
+        at, seconds = item.split(":")
+        if int(at) == step:
+            time.sleep(float(seconds))
 
 
 def _family(strategy: str) -> str:

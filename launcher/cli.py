@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
-import socket
-import subprocess
 import sys
 
 from launcher.config import Config, ConfigError, load_config
@@ -33,7 +30,32 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--merge", action="store_true", help="fold LoRA/QLoRA adapters into the base weights")
     e.add_argument("--checkpoint", help="export checkpoints/step-N (any strategy, consolidated offline)")
+    _slurm_parser(sub.add_parser("slurm", help="submit a run to SLURM, or show its job"))
     return p
+
+
+def _slurm_parser(s: argparse.ArgumentParser) -> None:
+    sub = s.add_subparsers(dest="slurm_command", required=True)
+    st = sub.add_parser("status", help="job state, restarts, latest checkpoint, last logged step")
+    st.add_argument("output_dir")
+    p = sub.add_parser("submit", help="validate here, render OUTPUT_DIR/slurm/job.sbatch, sbatch it")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value, applied after the file")
+    p.add_argument("--nodes", type=int, required=True)
+    per_node = p.add_mutually_exclusive_group()
+    per_node.add_argument("--gpus-per-node", type=int, default=0, help="GPU job: one rank per GPU")
+    per_node.add_argument("--ntasks-per-node", type=int, help="CPU job: ranks per node (default 1)")
+    p.add_argument("--time", required=True, help="time limit, HH:MM:SS or D-HH:MM:SS")
+    for name in ("partition", "account", "qos", "constraint", "mem", "job-name"):
+        p.add_argument(f"--{name}")
+    p.add_argument("--cpus-per-task", type=int)
+    p.add_argument("--signal-grace", type=int, default=300, help="seconds before the limit to save (default 300)")
+    p.add_argument("--max-requeues", type=int, default=3, help="times the job requeues itself (default 3)")
+    p.add_argument("--launch", default="srun", help="srun (a task per rank, default) | torchrun | accelerate")
+    p.add_argument(
+        "--sbatch-arg", action="append", default=[], help="extra #SBATCH option, repeatable: --sbatch-arg=--exclusive"
+    )
+    p.add_argument("--dry-run", action="store_true", help="print the job script; submit nothing")
 
 
 def _problems(err: ConfigError) -> int:
@@ -45,7 +67,7 @@ def _problems(err: ConfigError) -> int:
 
 def resolved_config(args: argparse.Namespace) -> Config:
     """File + overrides + what the process launcher asked for; every problem at once (exit 2)."""
-    from launcher.launch_env import apply_launcher_env
+    from launcher.launch.accelerate_env import apply_launcher_env
 
     cfg, notes = apply_launcher_env(load_config(args.config, args.overrides))
     if notes and int(os.environ.get("RANK", "0")) == 0:
@@ -71,6 +93,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     check_inputs(cfg, args.nproc if args.nproc > 1 else None)  # before torch is even imported
     if args.nproc > 1:
+        from launcher.launch.local import spawn_local_ranks
+
         return spawn_local_ranks(args.nproc, [args.config, *args.overrides], cfg.checkpoint.stop_signals)
     from launcher.trainer import run_training
 
@@ -84,47 +108,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def cmd_slurm(args: argparse.Namespace) -> int:
+    if args.slurm_command == "status":
+        from launcher.launch.slurm_status import print_status
 
+        return print_status(args.output_dir)
+    from launcher.launch.slurm_job import SlurmOptions, submit
 
-def forward_signals(procs: list[subprocess.Popen], names: list[str]) -> None:
-    """A stop signal sent to `ftl train --nproc` (by SLURM, or a user) reaches every rank."""
-
-    def forward(signum: int, _frame: object) -> None:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signum)
-
-    for name in names:
-        signal.signal(getattr(signal, name), forward)
-
-
-def spawn_local_ranks(nproc: int, train_args: list[str], stop_signals: list[str]) -> int:
-    """Start nproc local ranks of `ftl train`; the exit code is the worst of theirs."""
-    port = str(_free_port())
-    procs = []
-    for rank in range(nproc):
-        env = dict(
-            os.environ,
-            RANK=str(rank),
-            LOCAL_RANK=str(rank),
-            WORLD_SIZE=str(nproc),
-            LOCAL_WORLD_SIZE=str(nproc),
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=port,
-        )
-        procs.append(subprocess.Popen([sys.executable, "-m", "launcher", "train", *train_args], env=env))
-    forward_signals(procs, stop_signals)
-    codes = [p.wait() for p in procs]
-    return max(codes, key=lambda c: (c != 0, abs(c)))
+    names = ("nodes", "time", "gpus_per_node", "ntasks_per_node", "partition", "account", "qos", "constraint")
+    names += ("mem", "cpus_per_task", "signal_grace", "max_requeues", "launch", "job_name", "sbatch_args")
+    opts = SlurmOptions(**{n: getattr(args, "sbatch_arg" if n == "sbatch_args" else n) for n in names})
+    return submit(args.config, args.overrides, opts, dry_run=args.dry_run)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "validate": cmd_validate, "export": cmd_export}[args.command]
+    handler = {"train": cmd_train, "validate": cmd_validate, "export": cmd_export, "slurm": cmd_slurm}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

@@ -222,8 +222,11 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
     return out
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
-    """Load, override, type-check and cross-check a config; raise ConfigError with every problem."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, cuda: bool | None = None) -> Config:
+    """Load, override, type-check and cross-check a config; raise ConfigError with every problem.
+
+    `cuda`: whether the run's ranks will have a CUDA GPU; None means this machine decides (a SLURM login
+    node without GPUs passes what the job will have)."""
     raw = read_yaml(path) if path is not None else {}
     problems = apply_overrides(raw, overrides or [])
     if isinstance(raw.get("method"), dict):
@@ -232,13 +235,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(problems + _pydantic_problems(err)) from None
-    problems += cross_field_problems(cfg)
+    problems += cross_field_problems(cfg, _cuda_available() if cuda is None else cuda)
     if problems:
         raise ConfigError(problems)
     return cfg
 
 
-def cross_field_problems(cfg: Config) -> list[str]:
+def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
     """Combinations that are each valid alone but impossible together."""
     p: list[str] = []
     if not cfg.model.path:
@@ -266,7 +269,7 @@ def cross_field_problems(cfg: Config) -> list[str]:
         p.append(f"checkpoint.stop_signals: unknown signal name(s) {', '.join(bad)} (e.g. SIGTERM, SIGUSR1)")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
-    p += strategy_problems(cfg, cfg.distributed.strategy, _cuda_available())
+    p += strategy_problems(cfg, cfg.distributed.strategy, cuda)
     return p
 
 
@@ -321,8 +324,6 @@ def qlora_problems(raw_method: dict[str, Any]) -> list[str]:
 
 
 def _cuda_available() -> bool:
-    if os.environ.get("FTL_ASSUME_CUDA") == "1":
-        return True
     try:
         import torch
     except ImportError:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launcher.launch_env import env_world
+from launcher.launch.world import env_world, slurm_rendezvous
 
 
 @dataclass(frozen=True)
@@ -34,21 +34,6 @@ class DistEnv:
         return self.world_size > 1
 
 
-def slurm_master_addr() -> str | None:
-    """Under srun without MASTER_ADDR: the first host of the job's node list."""
-    nodes = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
-    if not nodes or "SLURM_PROCID" not in os.environ:
-        return None
-    import subprocess
-
-    try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodes], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    hosts = out.stdout.split()
-    return hosts[0] if hosts else None
-
-
 def init_distributed(timeout_minutes: float) -> DistEnv:
     """Join the process group when the world has more than one rank; pick the device."""
     rank, world, local_rank = env_world()
@@ -57,8 +42,10 @@ def init_distributed(timeout_minutes: float) -> DistEnv:
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1 and not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", slurm_master_addr() or "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(29500 + int(os.environ.get("SLURM_JOB_ID", "0")) % 1000))
+        if "MASTER_ADDR" not in os.environ:  # a bare `srun ftl train`: meet where the SLURM job says
+            addr, port = slurm_rendezvous() or ("127.0.0.1", 29500)
+            os.environ["MASTER_ADDR"] = addr
+            os.environ.setdefault("MASTER_PORT", str(port))
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))

@@ -12,6 +12,16 @@ from typing import Any
 
 from launcher.config import Config
 
+EXIT_RECORD = "last_exit.json"  # rank 0's record of how the run ended, in OUTPUT_DIR
+
+
+def record_exit(out_dir: Path, code: int, step: int, reason: str | None) -> None:
+    """Write OUTPUT_DIR/last_exit.json. A SLURM job script reads it: torchrun and srun report a rank's exit 3
+    as a failure of their own, so the launcher's exit code cannot tell a graceful stop from a crash."""
+    tmp = out_dir / f".{EXIT_RECORD}.tmp"
+    tmp.write_text(json.dumps({"exit_code": code, "step": step, "reason": reason, "time": time.time()}) + "\n")
+    tmp.replace(out_dir / EXIT_RECORD)
+
 
 def log(msg: str) -> None:
     """One plain, timestamped line on stderr (rank 0 calls it)."""

@@ -19,7 +19,8 @@ from launcher.data.splits import DataSplits, read_splits
 from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import cache_dir
-from launcher.launch_env import env_world
+from launcher.launch.world import env_world
+from launcher.metrics import EXIT_RECORD
 
 # Fields that may change between runs in one output_dir without changing what the run means. The split of
 # the global batch into micro-batches, accumulation and ranks may change too: resume checks the product, and
@@ -56,14 +57,13 @@ def meaningful_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return [k for k in keys if a.get(k) != b.get(k) and not k.startswith(HARMLESS_PREFIXES)]
 
 
-def prepare_output_dir(cfg: Config) -> Path:
-    """Create OUTPUT_DIR; refuse one that holds a run of a different config; write config.yaml (rank 0)."""
+def check_output_dir(cfg: Config) -> Path:
+    """Refuse an OUTPUT_DIR that holds a run of a different config (nothing is written)."""
     out = Path(cfg.output_dir)
     saved = out / "config.yaml"
-    new = cfg.model_dump(mode="json")
     if saved.exists():
         old = yaml.safe_load(saved.read_text()) or {}
-        changed = meaningful_changes(old, new)
+        changed = meaningful_changes(old, cfg.model_dump(mode="json"))
         if changed:
             raise ConfigError(
                 [
@@ -71,12 +71,20 @@ def prepare_output_dir(cfg: Config) -> Path:
                     "Use a new output_dir, or delete that directory if you mean to discard it."
                 ]
             )
+    return out
+
+
+def prepare_output_dir(cfg: Config) -> Path:
+    """Create OUTPUT_DIR; refuse one that holds a run of a different config; write config.yaml (rank 0)."""
+    out = check_output_dir(cfg)
+    saved = out / "config.yaml"
     rank, _, _ = env_world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         tmp = out / ".config.yaml.tmp"
         tmp.write_text(cfg.to_yaml())
         os.replace(tmp, saved)
+        (out / EXIT_RECORD).unlink(missing_ok=True)  # how an earlier run ended is not how this one will
     return out
 
 

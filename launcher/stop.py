@@ -33,6 +33,10 @@ class StopRequest:
     def _on_signal(self, signum: int, _frame: object) -> None:
         self.reason = f"signal {signal.Signals(signum).name}"
 
+    def consume_stop_file(self) -> None:
+        """Once the stop it asked for is saved, the STOP file has done its job: the next run must not stop."""
+        self.stop_file.unlink(missing_ok=True)
+
     def _local(self) -> bool:
         if self.reason is None and self.stop_file.exists():
             self.reason = f"stop file {self.stop_file}"

@@ -22,7 +22,7 @@ from launcher.checkpoint import CheckpointManager, TrainState
 from launcher.config import Config, ConfigError, strategy_problems
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from launcher.metrics import MetricsWriter, log
+from launcher.metrics import MetricsWriter, log, record_exit
 from launcher.model import load_tokenizer, param_counts
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.prepare import prepare_data, prepare_output_dir
@@ -199,6 +199,7 @@ def optimizer_step(
         "step_time": dt,
         "samples": state.samples,
         "epoch": state.samples / len(data.train),
+        "world_size": env.world_size,
     }
     scale = strategy.loss_scale()
     if scale is not None:
@@ -240,19 +241,27 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
             state.wandb_id = writer.wandb_id if writer else None
             ckpt.save(strategy, state)
         if stopping:
-            return stopped_early(writer, stop, state)
+            return stopped_early(writer, stop, state, out_dir, env)
     final = save_final(strategy, tokenizer, out_dir, env)
     report_peak_memory(env)
     if writer:
         writer.close()
+        record_exit(out_dir, EXIT_OK, state.step, None)
         log(f"done: {state.step} steps; artifacts in {final}")
+    barrier(env)  # no rank exits before rank 0 has recorded how the run ended
     return EXIT_OK
 
 
-def stopped_early(writer: MetricsWriter | None, stop: StopRequest, state: TrainState) -> int:
+def stopped_early(
+    writer: MetricsWriter | None, stop: StopRequest, state: TrainState, out_dir: Path, env: DistEnv
+) -> int:
+    """After the stop checkpoint is saved: consume the STOP file, record the stop, exit code 3."""
     if writer:
         writer.close()
+        stop.consume_stop_file()
+        record_exit(out_dir, EXIT_STOPPED, state.step, stop.reason)
         log(f"stopped early at step {state.step} ({stop.reason}); checkpoint saved; exit code {EXIT_STOPPED}")
+    barrier(env)  # no rank exits before rank 0 has recorded the stop
     return EXIT_STOPPED
 
 

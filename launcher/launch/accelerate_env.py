@@ -1,4 +1,4 @@
-"""What the process launcher asked for, read from its environment and merged into the config.
+"""What `accelerate launch` asked for, read from its environment and merged into the config.
 
 `accelerate launch` only starts processes; its choices arrive as ACCELERATE_* / FSDP_* variables. With
 `distributed.strategy: auto` ftl honours them. A value the config sets explicitly that disagrees with the
@@ -16,16 +16,6 @@ from typing import Any
 from launcher.config import Config, ConfigError
 
 Setting = tuple[str, Any, str]  # (dotted config field, value, where it came from)
-
-
-def env_world() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank) from the launcher's environment; (0, 1, 0) when alone."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return 0, 1, 0
 
 
 def _true(env: Mapping[str, str], key: str) -> bool:
