@@ -180,6 +180,10 @@ class CheckpointManager:
             step = int(STEP_DIR.match(p.name).group(1))
             if c.keep_every and step % c.keep_every == 0:
                 continue
+            # invalidate before deleting: a kill mid-rmtree must leave an ignored directory, never a
+            # "complete" one without its weights
+            (p / MARKER).unlink()
+            _fsync_dir(p)
             shutil.rmtree(p)
 
     def resume_path(self) -> Path | None:

@@ -94,7 +94,17 @@ def keep_rows_up_to(path: Path, step: int) -> None:
     """Drop rows logged after `step` (by a run killed after its last checkpoint): each step appears once."""
     if not path.exists():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    rows, cut = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            cut += bool(line.strip())  # a row cut short (full disk, kill mid-write): nothing to resume from
+            continue
+        if row["step"] <= step:
+            rows.append(line)
+    if cut:
+        log(f"{path}: dropped {cut} unreadable row(s) cut short by an earlier run")
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, path)

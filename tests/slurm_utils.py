@@ -48,8 +48,8 @@ def slurm_cluster() -> None:
 
 
 def submit(cfg: Path, run: Path, *args: str, env: dict[str, str] | None = None) -> str:
-    """`ftl slurm submit CFG output_dir=RUN ARGS...`; returns the job id."""
-    res = ftl("slurm", "submit", str(cfg), f"output_dir={run}", "--time", "30:00", *args, env=env)
+    """`ftl slurm submit CFG output_dir=RUN ARGS... --time 30:00` (overrides first in ARGS); returns the job id."""
+    res = ftl("slurm", "submit", str(cfg), f"output_dir={run}", *args, "--time", "30:00", env=env)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     return json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])["job_id"]
 
@@ -59,7 +59,7 @@ def job_log(run: Path, job_id: str) -> str:
     return path.read_text() if path.exists() else ""
 
 
-def wait_until(cond: Callable[[], bool], what: str, run: Path, job_id: str, timeout: float = 300) -> None:
+def wait_until(cond: Callable[[], bool], what: str, run: Path, job_id: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not cond():
         if time.monotonic() > deadline:
@@ -89,12 +89,17 @@ def preempt_when_parked(run: Path, job_id: str, step: int) -> None:
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
 
 
-def release_requeued(run: Path, job_id: str, restarts: int) -> None:
-    """Wait until the job has requeued itself for the `restarts`-th time, then skip SLURM's requeue delay."""
+def release_requeued(run: Path, job_id: str, restarts: int, stale_stop_file: bool = False) -> None:
+    """Wait until the job has requeued itself for the `restarts`-th time, then skip SLURM's requeue delay.
+    `stale_stop_file`: leave a STOP file behind (as a trap firing after the ranks had exited would)."""
 
     def pending() -> bool:
         f = job_fields(job_id)
         return f.get("JobState") == "PENDING" and f.get("Restarts") == str(restarts)
 
     wait_until(pending, f"requeue number {restarts}", run, job_id)
+    # slurmd refuses a credential issued in the same second the old one was revoked ("Job credential revoked")
+    time.sleep(2)
+    if stale_stop_file:
+        (run / "STOP").write_text("")
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True)

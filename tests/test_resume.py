@@ -143,6 +143,21 @@ def test_stop_file_and_retention(tmp_path: Path, models: dict, toy_data: dict) -
     (run / "STOP").write_text("")
     code, log = finish(start(cfg, f"output_dir={run}", "train.max_steps=12"))
     assert code == EXIT_STOPPED and "stop file" in log  # a harmless change (max_steps) resumed, then stopped
+    assert json.loads((run / "last_exit.json").read_text())["exit_code"] == 3
+    assert not (run / "STOP").exists()  # consumed once its stop is saved: the same command now continues
+    code, log = finish(start(cfg, f"output_dir={run}", "train.max_steps=12"))
+    assert code == 0 and max(losses(run)) == 12, log[-3000:]
+    assert json.loads((run / "last_exit.json").read_text())["exit_code"] == 0
+
+
+def test_a_metrics_row_cut_short_does_not_block_resume(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 2})
+    run = _straight(cfg, tmp_path / "run", "train.max_steps=3")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 4, "loss":')  # what a full disk leaves behind
+    code, log = finish(start(cfg, f"output_dir={run}", "train.max_steps=5"))
+    assert code == 0 and "dropped 1 unreadable row" in log and "at step 2" in log, log[-3000:]
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
 
 
 def test_config_change_on_resume(tmp_path: Path, models: dict, toy_data: dict) -> None:
