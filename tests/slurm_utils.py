@@ -85,7 +85,9 @@ def preempt_when_parked(run: Path, job_id: str, step: int) -> None:
     """Once the run is parked inside step `step`'s checkpoint write, send USR1 to the batch shell (as SLURM does
     `--signal=B:USR1@GRACE` before a time limit): the run finishes that checkpoint, stops at the next step."""
     parked = run / "checkpoints" / f".step-{step:08d}.tmp"
-    wait_until(parked.exists, f"step {step}'s checkpoint write", run, job_id)
+    ended = lambda: job_fields(job_id).get("JobState") in FINAL_STATES  # noqa: E731
+    wait_until(lambda: parked.exists() or ended(), f"step {step}'s checkpoint write", run, job_id)
+    assert parked.exists(), f"the job ended before step {step}: {job_log(run, job_id)[-4000:]}"
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
 
 
