@@ -69,6 +69,10 @@ def wait_until(cond: Callable[[], bool], what: str, run: Path, job_id: str, time
         time.sleep(0.2)
 
 
+def ended(job_id: str) -> bool:
+    return job_fields(job_id).get("JobState") in FINAL_STATES
+
+
 def wait_final(run: Path, job_id: str, timeout: float = 300) -> dict[str, str]:
     """The job's scontrol fields once it has ended (finished jobs stay known to slurmctld for 300 s)."""
     fields: dict[str, str] = {}
@@ -85,8 +89,7 @@ def preempt_when_parked(run: Path, job_id: str, step: int) -> None:
     """Once the run is parked inside step `step`'s checkpoint write, send USR1 to the batch shell (as SLURM does
     `--signal=B:USR1@GRACE` before a time limit): the run finishes that checkpoint, stops at the next step."""
     parked = run / "checkpoints" / f".step-{step:08d}.tmp"
-    ended = lambda: job_fields(job_id).get("JobState") in FINAL_STATES  # noqa: E731
-    wait_until(lambda: parked.exists() or ended(), f"step {step}'s checkpoint write", run, job_id)
+    wait_until(lambda: parked.exists() or ended(job_id), f"step {step}'s checkpoint write", run, job_id)
     assert parked.exists(), f"the job ended before step {step}: {job_log(run, job_id)[-4000:]}"
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
 
@@ -95,11 +98,15 @@ def release_requeued(run: Path, job_id: str, restarts: int, stale_stop_file: boo
     """Wait until the job has requeued itself for the `restarts`-th time, then skip SLURM's requeue delay.
     `stale_stop_file`: leave a STOP file behind (as a trap firing after the ranks had exited would)."""
 
-    def pending() -> bool:
-        f = job_fields(job_id)
-        return f.get("JobState") == "PENDING" and f.get("Restarts") == str(restarts)
+    fields: dict[str, str] = {}
 
-    wait_until(pending, f"requeue number {restarts}", run, job_id)
+    def pending_or_ended() -> bool:
+        fields.update(job_fields(job_id))
+        requeued = fields.get("Restarts") == str(restarts) and fields.get("JobState") == "PENDING"
+        return requeued or fields.get("JobState") in FINAL_STATES
+
+    wait_until(pending_or_ended, f"requeue number {restarts}", run, job_id)
+    assert fields.get("JobState") == "PENDING", f"the job was not requeued: {job_log(run, job_id)[-4000:]}"
     # slurmd refuses a credential issued in the same second the old one was revoked ("Job credential revoked")
     time.sleep(2)
     if stale_stop_file:
