@@ -138,7 +138,8 @@ class CheckpointConfig(_Section):
         None, gt=0, description="Wall-clock guard: save and stop (exit 3) once a run has trained this long."
     )
     stop_signals: list[str] = Field(
-        ["SIGTERM", "SIGUSR1"], description="Signals that mean: save a checkpoint at the next step, exit 3."
+        ["SIGTERM", "SIGUSR1", "SIGINT"],
+        description="Signals that mean: save a checkpoint at the next step, exit 3 (a second Ctrl-C aborts at once).",
     )
 
 

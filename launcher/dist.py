@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launcher.launch.world import env_world, slurm_rendezvous
+from launcher.launch.world import cpu_threads_per_rank, env_world, slurm_rendezvous
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,9 @@ class DistEnv:
 def init_distributed(timeout_minutes: float) -> DistEnv:
     """Join the process group when the world has more than one rank; pick the device."""
     rank, world, local_rank = env_world()
+    threads = cpu_threads_per_rank()
+    if threads is not None:
+        torch.set_num_threads(threads)
     use_cuda = torch.cuda.is_available()
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:

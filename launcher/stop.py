@@ -17,6 +17,7 @@ import torch.distributed as dist
 from launcher.dist import DistEnv
 
 EXIT_STOPPED = 3  # "stopped early, checkpoint saved": distinct from success (0), failure (1), bad input (2)
+ABORT_AFTER_SECONDS = 2.0
 
 
 class StopRequest:
@@ -26,12 +27,24 @@ class StopRequest:
         self.env = env
         self.stop_file = stop_file
         self.reason: str | None = None
+        self.first_interrupt: float | None = None
         self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
         for name in signals:
             signal.signal(getattr(signal, name), self._on_signal)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        self.reason = f"signal {signal.Signals(signum).name}"
+        name = signal.Signals(signum).name
+        if signum == signal.SIGINT and self.first_interrupt is not None:
+            # Ctrl-C reaches every rank of `ftl train --nproc` twice (from the terminal and from the parent):
+            # only a second press a moment later means "abort now, without a checkpoint"
+            if time.monotonic() - self.first_interrupt > ABORT_AFTER_SECONDS:
+                raise KeyboardInterrupt
+            return
+        if signum == signal.SIGINT:
+            self.first_interrupt = time.monotonic()
+            if self.env.is_main:
+                print("\nftl: stopping after this step with a checkpoint (Ctrl-C again to abort without one)")
+        self.reason = f"signal {name}"
 
     def consume_stop_file(self) -> None:
         """Once the stop it asked for is saved, the STOP file has done its job: the next run must not stop."""

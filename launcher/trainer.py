@@ -115,7 +115,7 @@ def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: Globa
     if env.is_main:
         log(
             f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
-            f"method={cfg.method.kind} device={env.device.type}"
+            f"method={cfg.method.kind} device={env.device.type} cpu_threads={torch.get_num_threads()}"
         )
         log(f"params: total={total:,} trainable={trainable:,}")
         log(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -117,6 +118,19 @@ def test_sigusr1_to_one_rank_stops_all_with_a_checkpoint(tmp_path: Path, models:
     step = json.loads((saved[0] / "trainer_state.json").read_text())["step"]
     assert step < 400 and max(losses(run)) <= step + 1
     assert "stopped early" in log
+    assert f"cpu_threads={max(1, len(os.sched_getaffinity(0)) // 2)}" in log  # each rank: its share of the cores
+
+
+def test_ctrl_c_saves_and_stops(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 0})
+    run = tmp_path / "run"
+    proc = start(cfg, f"output_dir={run}", "train.max_steps=400")
+    wait_for(logged_step(run, 2), proc)
+    proc.send_signal(signal.SIGINT)
+    code, log = finish(proc, timeout=120)
+    assert code == EXIT_STOPPED and "signal SIGINT" in log, log[-3000:]
+    saved = sorted((run / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and (saved[0] / "COMPLETE").exists() and saved[0].name == f"step-{max(losses(run)):08d}"
 
 
 def test_time_cadence_and_deadline_are_agreed_by_all_ranks(tmp_path: Path, models: dict, toy_data: dict) -> None:

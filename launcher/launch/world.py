@@ -31,6 +31,20 @@ def env_world(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     return 0, 1, 0
 
 
+def cpu_threads_per_rank(env: Mapping[str, str] | None = None) -> int | None:
+    """This rank's share of the machine's cores: SLURM's --cpus-per-task, else cores ÷ ranks on this node.
+    None when OMP_NUM_THREADS is set (the user decided). Without this every rank starts one thread per core,
+    and OpenMP threads spinning against each other slow a step many times over under any other load."""
+    env = os.environ if env is None else env
+    if "OMP_NUM_THREADS" in env:
+        return None
+    if env.get("SLURM_CPUS_PER_TASK", "").isdigit():
+        return int(env["SLURM_CPUS_PER_TASK"])
+    local = env.get("LOCAL_WORLD_SIZE") or env.get("SLURM_NTASKS_PER_NODE") or "1"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, int(local) if local.isdigit() else 1))
+
+
 def rendezvous_port(job_id: str | int) -> int:
     """A port for the job's rendezvous, fixed by its id."""
     return PORT_BASE + int(job_id) % PORT_SPAN

@@ -84,6 +84,13 @@ def test_two_node_job_matches_two_local_ranks(straight: Path, cfg: Path) -> None
     assert losses(local) == pytest.approx(losses(straight), rel=1e-6)
 
 
+def test_accelerate_launch_per_node_gives_the_same_run(straight: Path, cfg: Path) -> None:
+    run = cfg.parent / "accelerate"
+    job = submit(cfg, run, *TWO_NODES, "--launch", "accelerate")
+    assert wait_final(run, job)["JobState"] == "COMPLETED", job_log(run, job)
+    assert losses(run) == pytest.approx(losses(straight), rel=1e-6)
+
+
 def test_srun_job_preempted_twice_hits_the_requeue_limit_then_resubmits(straight: Path, cfg: Path) -> None:
     run = cfg.parent / "srun"
     job = submit(cfg, run, *TWO_NODES, "--max-requeues", "1", env=_park(4, 8))
