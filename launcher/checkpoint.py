@@ -20,7 +20,7 @@ import random
 import re
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,16 @@ class TrainState:
     samples: int = 0
     tokens: int = 0
     wandb_id: str | None = None
+    skipped_steps: int = 0  # train.nonfinite=skip: steps whose update was dropped, in all
+    skipped_in_a_row: int = 0  # ... and since the last update
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state_dict(cls, saved: dict[str, Any]) -> TrainState:
+        """The counters of a checkpoint's trainer_state.json (fields it predates keep their defaults)."""
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
 
 
 def config_hash(cfg: Config) -> str:
@@ -155,7 +165,7 @@ class CheckpointManager:
 
     def _trainer_state(self, state: TrainState) -> dict[str, Any]:
         return {
-            **asdict(state),
+            **state.state_dict(),
             "world_size": self.env.world_size,
             "strategy": self.strategy_name,
             "ftl_version": __version__,
@@ -215,9 +225,7 @@ class CheckpointManager:
         changes = harmless_changes(saved["config"], self.cfg.model_dump(mode="json"))
         if changes:
             log_fn(f"config changed since the checkpoint (allowed): {'; '.join(changes)}")
-        return TrainState(
-            step=saved["step"], samples=saved["samples"], tokens=saved["tokens"], wandb_id=saved.get("wandb_id")
-        )
+        return TrainState.from_state_dict(saved)
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         from launcher.prepare import meaningful_changes
@@ -265,7 +273,9 @@ def _pause_for_tests(step: int) -> None:
 
 
 def _family(strategy: str) -> str:
-    return "torch" if strategy in ("single", "ddp") else strategy
+    from launcher.strategies.traits import traits
+
+    return traits(strategy).family
 
 
 def _get(d: dict[str, Any], dotted: str) -> Any:

@@ -1,7 +1,8 @@
 """`ftl` subcommands: parse, call, and map errors to exit codes. Heavy imports happen inside commands.
 
 Exit codes: 0 success; 1 the run failed; 2 bad input (config, data, paths), reported before heavy work;
-3 stopped early on request (signal, STOP file, max_minutes) with a checkpoint saved: rerun to resume.
+3 stopped early on request (signal, STOP file, max_minutes) with a checkpoint saved: rerun to resume;
+4 a NaN/inf loss or gradient (train.nonfinite), nothing non-finite saved.
 """
 
 from __future__ import annotations

@@ -93,6 +93,12 @@ class TrainConfig(_Section):
     fp16_growth_interval: int = Field(
         2000, ge=1, description="fp16: steps without overflow after which the loss scale doubles."
     )
+    nonfinite: Literal["abort", "skip"] = Field(
+        "abort",
+        description="A NaN/inf loss or gradient: abort (exit 4, naming the step and its samples; nothing "
+        "non-finite is saved) or skip (no update for that step, counted; not under DeepSpeed).",
+    )
+    max_skipped_steps: int = Field(10, ge=1, description="skip: abort after this many skipped steps in a row.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations (non-reentrant).")
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_batches: int | None = Field(None, ge=1, description="Cap on eval batches per evaluation.")
@@ -277,9 +283,14 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
 def strategy_problems(cfg: Config, strategy: str, cuda: bool) -> list[str]:
     """What the strategy cannot do with this config: checked at validation for an explicit strategy, and
     again by the trainer once `auto` is resolved (from the launcher's environment)."""
+    from launcher.strategies.traits import traits
+
     p: list[str] = []
-    if cfg.train.precision == "fp16" and strategy == "deepspeed" and not cuda:
-        p.append("train.precision: fp16 under DeepSpeed needs a CUDA GPU; use fp32 or bf16 on CPU")
+    declared = traits(strategy)
+    if cfg.train.precision == "fp16" and declared and declared.fp16_needs_cuda and not cuda:
+        p.append(f"train.precision: fp16 under {declared.format} needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if cfg.train.nonfinite == "skip" and declared and not declared.skips_steps:
+        p.append(f"train.nonfinite: 'skip' is not available under {declared.format} (its engine always steps)")
     foreign = foreign_pickled_resume(cfg, strategy)
     if foreign:
         p.append(foreign)
@@ -291,21 +302,18 @@ def checkpoint_root(cfg: Config) -> Path:
     return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
 
 
-# Upstream checkpoint formats that unpickle on load: DCP's .metadata (pickle.load), DeepSpeed's engine files
-# (torch.load with weights_only=False). ftl loads them only from the run's own checkpoint directory.
-PICKLED_FORMATS = {"fsdp": "FSDP (torch.distributed.checkpoint)", "deepspeed": "DeepSpeed"}
-
-
 def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
     """The problem with `checkpoint.resume: PATH` when `strategy` stores pickles and PATH is not this run's own."""
-    resume = cfg.checkpoint.resume
-    if strategy not in PICKLED_FORMATS or resume in ("auto", "never"):
+    from launcher.strategies.traits import traits
+
+    resume, declared = cfg.checkpoint.resume, traits(strategy)
+    if declared is None or not declared.unpickles or resume in ("auto", "never"):
         return None
     root = checkpoint_root(cfg)
     if Path(resume).resolve().is_relative_to(root.resolve()):
         return None
     return (
-        f"checkpoint.resume: {resume} is outside this run's checkpoints ({root}); {PICKLED_FORMATS[strategy]} "
+        f"checkpoint.resume: {resume} is outside this run's checkpoints ({root}); {declared.format} "
         "checkpoints contain pickles, which ftl loads only from the run's own checkpoint directory "
         "(copy it there if you trust its source)"
     )

@@ -51,41 +51,12 @@ def merged_model(cfg: Config, adapter_dir: Path) -> nn.Module:
     return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
 
 
-def _dcp_model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """Full (unsharded) model tensors from an FSDP2 DCP checkpoint, in one process, no process group."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    reader = dcp.FileSystemReader(str(model_dir))
-    meta = reader.read_metadata().state_dict_metadata
-    model = {
-        k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype)
-        for k, m in meta.items()
-        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
-    }
-    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
-    return model
-
-
-def _zero_model_weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights consolidated from DeepSpeed ZeRO shards (trainable parameters for adapter runs)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    from launcher.strategies.deepspeed import CKPT_TAG
-
-    return get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag=CKPT_TAG, exclude_frozen_parameters=True)
-
-
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The trained tensors of a complete checkpoint of any strategy, consolidated on CPU."""
-    strategy = json.loads((ckpt / "trainer_state.json").read_text())["strategy"]
-    if strategy in ("single", "ddp"):
-        from safetensors.torch import load_file
+    from launcher.strategies.traits import traits
 
-        return load_file(ckpt / "model" / "trainable.safetensors")
-    if strategy == "fsdp":
-        return _dcp_model_weights(ckpt / "model")
-    return _zero_model_weights(ckpt / "model")
+    strategy = json.loads((ckpt / "trainer_state.json").read_text())["strategy"]
+    return traits(strategy).read_weights(ckpt / "model")
 
 
 def checkpoint_to_hf(cfg: Config, ckpt: Path, out: Path) -> Path:

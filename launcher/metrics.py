@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import sys
@@ -51,8 +52,8 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (training step or eval) and show it."""
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        with self.path.open("a") as f:  # strict JSON: a NaN/inf (a skipped step's loss) is written as null
+            f.write(json.dumps({k: None if _nonfinite(v) else v for k, v in row.items()}) + "\n")
         if self.wandb_run is not None:
             self.wandb_run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
         if "loss" in row:
@@ -84,6 +85,10 @@ class MetricsWriter:
         if self.wandb_run is not None:
             self.wandb_run.finish()
         plot_losses(self.path, self.path.parent / "loss.png")
+
+
+def _nonfinite(v: Any) -> bool:
+    return isinstance(v, float) and not math.isfinite(v)
 
 
 def _fmt(v: Any) -> str:
@@ -141,7 +146,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 def plot_losses(metrics_path: Path, png: Path) -> None:
     """Training (and eval) loss against step."""
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:
         return

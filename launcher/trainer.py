@@ -31,6 +31,7 @@ from launcher.strategies import make_strategy
 from launcher.strategies.base import Strategy
 
 EXIT_OK = 0
+EXIT_NONFINITE = 4  # a NaN/inf loss or gradient (train.nonfinite); nothing non-finite was saved
 
 
 def total_steps(cfg: Config, sampler: GlobalBatchSampler) -> int:
@@ -63,6 +64,7 @@ def train_step(
     env: DistEnv,
     max_grad_norm: float | None,
     local_tokens: int,
+    skip_nonfinite: bool = False,
 ) -> tuple[float, float, int]:
     """One optimizer step over this rank's micro-batches. Loss is normalised by the GLOBAL label count,
     so N ranks × micro-batches give exactly the gradient of one big batch.
@@ -77,9 +79,11 @@ def train_step(
             loss = loss / max(global_count, 1)
         strategy.backward(loss)
         total += float(loss.detach())
-    norm = strategy.step(max_grad_norm)
     loss_global, tokens = all_reduce_sum([total, local_tokens], env)
-    return loss_global, norm, int(tokens)
+    if skip_nonfinite and not math.isfinite(loss_global):
+        strategy.discard_step()
+        return loss_global, float("nan"), int(tokens)
+    return loss_global, strategy.step(max_grad_norm), int(tokens)
 
 
 @torch.no_grad()
@@ -140,6 +144,10 @@ def run_training(cfg: Config) -> int:
     env = init_distributed(cfg.distributed.timeout_minutes)
     try:
         return _train(cfg, env, out_dir, data, tokenizer)
+    except NonFiniteError as err:
+        if env.is_main:
+            log(f"aborted: {err}; exit code {EXIT_NONFINITE}")
+        return EXIT_NONFINITE
     finally:
         shutdown(env)
 
@@ -184,8 +192,12 @@ def optimizer_step(
     micro_ids = sampler.micro_batches(state.step, env.rank)
     micro = [collate(data.train, ids, pad_id) for ids in micro_ids]
     real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
-    loss, norm, tokens = train_step(strategy, micro, env, cfg.train.max_grad_norm, real)
+    skip = cfg.train.nonfinite == "skip"
+    loss, norm, tokens = train_step(strategy, micro, env, cfg.train.max_grad_norm, real, skip)
     state.step += 1
+    nonfinite = not math.isfinite(loss) or (cfg.train.precision != "fp16" and not math.isfinite(norm))
+    state.skipped_steps += nonfinite
+    state.skipped_in_a_row = state.skipped_in_a_row + 1 if nonfinite else 0
     state.samples += sampler.global_batch
     state.tokens += tokens
     dt = time.perf_counter() - t0
@@ -204,7 +216,37 @@ def optimizer_step(
     scale = strategy.loss_scale()
     if scale is not None:
         row["loss_scale"] = scale
+    if skip:
+        row["skipped_steps"] = state.skipped_steps
     return row
+
+
+class NonFiniteError(Exception):
+    """Training produced a NaN/inf loss or gradient that train.nonfinite does not allow (exit 4)."""
+
+
+def check_finite(cfg: Config, state: TrainState, sampler: GlobalBatchSampler, ckpt: CheckpointManager) -> None:
+    """Raise NonFiniteError for a non-finite step under `abort`, or too many skipped in a row under `skip`.
+    Every rank sees the same all-reduced loss and global norm, so all ranks raise together."""
+    if not state.skipped_in_a_row:
+        return
+    t = cfg.train
+    if t.nonfinite == "skip" and state.skipped_in_a_row < t.max_skipped_steps:
+        return
+    ids = sampler.global_ids(state.step - 1).tolist()
+    latest = ckpt.resume_path() if cfg.checkpoint.resume == "auto" else None
+    first = state.step - state.skipped_in_a_row + 1
+    what = (
+        f"step {state.step} has a non-finite loss or gradient"
+        if t.nonfinite == "abort"
+        else f"steps {first}-{state.step} ({state.skipped_in_a_row} in a row, train.max_skipped_steps="
+        f"{t.max_skipped_steps}) had a non-finite loss or gradient"
+    )
+    raise NonFiniteError(
+        f"{what}; samples of step {state.step}: {ids[:32]}{' ...' if len(ids) > 32 else ''}. Nothing from this "
+        f"step was saved; latest complete checkpoint: {latest or 'none'}. Lower train.lr, check those samples, "
+        "or set train.nonfinite: skip"
+    )
 
 
 def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:
@@ -225,6 +267,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     first_step = state.step
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, tokenizer.pad_token_id)
+        check_finite(cfg, state, sampler, ckpt)
         if row["step"] == first_step + 1:
             describe_sharding(strategy, env)
         if writer and (state.step % cfg.logging.every_steps == 0 or state.step == steps):

@@ -8,6 +8,7 @@ export. Checkpoint save/load hooks live here too, so the checkpoint manager neve
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -65,11 +66,16 @@ class Strategy(ABC):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, max_grad_norm: float | None) -> float:
-        """Unscale, clip, step, zero grads; returns the global grad norm before clipping."""
+        """Unscale, clip, step, zero grads; returns the global grad norm before clipping.
+
+        With train.nonfinite=skip a non-finite norm drops the update (fp16 leaves that to its scaler)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.requires_grad]
         norm = self.clip_grad_norm(params, max_grad_norm)
+        if self.cfg.train.nonfinite == "skip" and not self.scaler and not math.isfinite(norm):
+            self.discard_step()
+            return norm
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -77,6 +83,10 @@ class Strategy(ABC):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
+
+    def discard_step(self) -> None:
+        """Drop this step's gradients without updating anything (train.nonfinite=skip)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def make_scaler(self, scaler_class: type = torch.amp.GradScaler) -> torch.amp.GradScaler | None:
         """A loss scaler for fp16 (None otherwise), started and grown as train.fp16_* say."""
@@ -155,6 +165,13 @@ class Strategy(ABC):
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name}
+
+
+def read_checkpoint_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The trainable tensors an unsharded strategy (single, DDP) saved, read offline."""
+    from safetensors.torch import load_file
+
+    return load_file(model_dir / "trainable.safetensors")
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

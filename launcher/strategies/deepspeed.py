@@ -336,3 +336,10 @@ def _held(p: nn.Parameter) -> int:
     if not hasattr(p, "ds_tensor"):
         return p.numel()
     return p.ds_numel if getattr(p, "ds_persist", False) else p.partition_numel()
+
+
+def read_checkpoint_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """fp32 weights consolidated from DeepSpeed ZeRO shards (trainable parameters for adapter runs)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag=CKPT_TAG, exclude_frozen_parameters=True)

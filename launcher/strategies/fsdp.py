@@ -276,3 +276,18 @@ class FSDPStrategy(Strategy):
         state = get_model_state_dict(self.model, options=options)
         if self.env.is_main:
             self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+
+def read_checkpoint_weights(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Full (unsharded) model tensors from an FSDP2 DCP checkpoint, in one process, no process group."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    reader = dcp.FileSystemReader(str(model_dir))
+    meta = reader.read_metadata().state_dict_metadata
+    model = {
+        k[len("model.") :]: torch.empty(m.size, dtype=m.properties.dtype)
+        for k, m in meta.items()
+        if k.startswith("model.") and isinstance(m, TensorStorageMetadata)
+    }
+    dcp.load({"model": model}, storage_reader=reader, no_dist=True)
+    return model

@@ -1,0 +1,61 @@
+"""What each strategy is, declared once: its checkpoint family and format, whether loading that format
+unpickles, how its weights are read offline, and what it cannot do without CUDA. config.py, checkpoint.py
+and export.py ask here instead of matching strategy names. Torch-free, so `ftl validate` stays fast."""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class StrategyTraits:
+    """A strategy family's declaration."""
+
+    family: str  # checkpoints load across the strategies of one family (any world size)
+    format: str  # what its checkpoint's model/ directory holds
+    unpickles: bool  # loading the format runs pickle: only from the run's own checkpoint directory
+    fp16_needs_cuda: bool  # its fp16 loss scaling exists only on CUDA
+    skips_steps: bool  # a step's update can be dropped (train.nonfinite: skip)
+    weights_reader: str  # module whose `read_checkpoint_weights(model_dir)` consolidates weights offline
+
+    def read_weights(self, model_dir: Path) -> dict[str, Any]:
+        """The trained tensors of a checkpoint's model/ directory, consolidated on CPU in one process."""
+        return importlib.import_module(self.weights_reader).read_checkpoint_weights(model_dir)
+
+
+_TORCH = StrategyTraits(
+    family="torch",
+    format="safetensors + torch optimizer state",
+    unpickles=False,
+    fp16_needs_cuda=False,
+    skips_steps=True,
+    weights_reader="launcher.strategies.base",
+)
+TRAITS = {
+    "single": _TORCH,
+    "ddp": _TORCH,
+    "fsdp": StrategyTraits(
+        family="fsdp",
+        format="FSDP (torch.distributed.checkpoint)",
+        unpickles=True,
+        fp16_needs_cuda=False,
+        skips_steps=True,
+        weights_reader="launcher.strategies.fsdp",
+    ),
+    "deepspeed": StrategyTraits(
+        family="deepspeed",
+        format="DeepSpeed",
+        unpickles=True,
+        fp16_needs_cuda=True,
+        skips_steps=False,
+        weights_reader="launcher.strategies.deepspeed",
+    ),
+}
+
+
+def traits(strategy: str) -> StrategyTraits | None:
+    """The declaration of a resolved strategy name; None for 'auto' (not resolved yet)."""
+    return TRAITS.get(strategy)
