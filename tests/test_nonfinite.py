@@ -3,7 +3,6 @@ saves nothing non-finite; skip drops the update of a non-finite step and gives u
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
