@@ -21,6 +21,7 @@ from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import cache_dir
 from launcher.launch.world import env_world
 from launcher.metrics import EXIT_RECORD
+from launcher.run_lock import lock_output_dir
 
 # Fields that may change between runs in one output_dir without changing what the run means. The split of
 # the global batch into micro-batches, accumulation and ranks may change too: resume checks the product, and
@@ -60,6 +61,8 @@ def meaningful_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 def check_output_dir(cfg: Config) -> Path:
     """Refuse an OUTPUT_DIR that holds a run of a different config (nothing is written)."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError([f"output_dir: {out} is a file, not a directory"])
     saved = out / "config.yaml"
     if saved.exists():
         old = yaml.safe_load(saved.read_text()) or {}
@@ -75,12 +78,16 @@ def check_output_dir(cfg: Config) -> Path:
 
 
 def prepare_output_dir(cfg: Config) -> Path:
-    """Create OUTPUT_DIR; refuse one that holds a run of a different config; write config.yaml (rank 0)."""
-    out = check_output_dir(cfg)
-    saved = out / "config.yaml"
+    """Create and lock OUTPUT_DIR (rank 0); refuse one in use by another run or holding a run of a different
+    config; write config.yaml (rank 0)."""
+    out = Path(cfg.output_dir)
     rank, _, _ = env_world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
+        lock_output_dir(out)
+    check_output_dir(cfg)
+    saved = out / "config.yaml"
+    if rank == 0:
         tmp = out / ".config.yaml.tmp"
         tmp.write_text(cfg.to_yaml())
         os.replace(tmp, saved)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -119,6 +120,25 @@ def test_sigusr1_to_one_rank_stops_all_with_a_checkpoint(tmp_path: Path, models:
     assert step < 400 and max(losses(run)) <= step + 1
     assert "stopped early" in log
     assert f"cpu_threads={max(1, len(os.sched_getaffinity(0)) // 2)}" in log  # each rank: its share of the cores
+
+
+def test_one_run_per_output_dir_and_no_orphans(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora")
+    run = tmp_path / "run"
+    first = start(cfg, f"output_dir={run}", nproc=2, park_at=2)  # holds the directory, parked in a save
+    wait_for((run / "checkpoints" / ".step-00000002.tmp").exists, first)
+    second = ftl("train", str(cfg), f"output_dir={run}")
+    assert second.returncode == 2 and "is in use by another ftl run" in second.stderr, second.stderr[-2000:]
+    assert f'"host": "{socket.gethostname()}"' in second.stderr and "Traceback" not in second.stderr
+    ranks = psutil.Process(first.pid).children()
+    assert len(ranks) == 2
+    os.kill(first.pid, signal.SIGKILL)  # only the `--nproc` launcher: its ranks must not train on as orphans
+    first.wait()
+    _, alive = psutil.wait_procs(ranks, timeout=30)
+    assert not alive
+    code, log = finish(start(cfg, f"output_dir={run}"))  # the dead run's lock is stale: taken over
+    assert code == 0, log[-3000:]
+    assert sorted(losses(run)) == list(range(1, STEPS + 1))
 
 
 def test_ctrl_c_saves_and_stops(tmp_path: Path, models: dict, toy_data: dict) -> None:

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
 import subprocess
 import sys
+import time
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+FAILED_RANK_GRACE = 30.0  # seconds the other ranks get to end on their own after one rank failed
 
 
 def _free_port() -> int:
@@ -27,6 +32,29 @@ def forward_signals(procs: list[subprocess.Popen], names: list[str]) -> None:
         signal.signal(getattr(signal, name), forward)
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel kills this rank when its `ftl --nproc` parent dies (even by
+    SIGKILL), so a killed launcher never leaves ranks training on as orphans."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
+    """Wait for every rank. Once one has failed, the others get FAILED_RANK_GRACE seconds to end on their own
+    (a rank blocked in a collective with a dead peer may never), then are killed."""
+    deadline = None
+    while any(p.poll() is None for p in procs):
+        failed = any(p.returncode not in (None, 0) for p in procs)
+        if failed and deadline is None:
+            deadline = time.monotonic() + FAILED_RANK_GRACE
+        if deadline is not None and time.monotonic() > deadline:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.1)
+    return [p.returncode for p in procs]
+
+
 def spawn_local_ranks(nproc: int, train_args: list[str], stop_signals: list[str]) -> int:
     """Start nproc local ranks of `ftl train`; the exit code is the worst of theirs."""
     port = str(_free_port())
@@ -41,7 +69,9 @@ def spawn_local_ranks(nproc: int, train_args: list[str], stop_signals: list[str]
             MASTER_ADDR="127.0.0.1",
             MASTER_PORT=port,
         )
-        procs.append(subprocess.Popen([sys.executable, "-m", "launcher", "train", *train_args], env=env))
+        cmd = [sys.executable, "-m", "launcher", "train", *train_args]
+        on_linux = sys.platform.startswith("linux")
+        procs.append(subprocess.Popen(cmd, env=env, preexec_fn=_die_with_parent if on_linux else None))
     forward_signals(procs, stop_signals)
-    codes = [p.wait() for p in procs]
+    codes = _wait_all(procs)
     return max(codes, key=lambda c: (c != 0, abs(c)))
