@@ -13,6 +13,7 @@ counted as latest, and is cleaned up by the next save. Retention runs only after
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -58,6 +59,25 @@ class TrainState:
     def from_state_dict(cls, saved: dict[str, Any]) -> TrainState:
         """The counters of a checkpoint's trainer_state.json (fields it predates keep their defaults)."""
         return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+class CheckpointWriteError(Exception):
+    """A checkpoint could not be written for a reason the user can fix (a full disk); exit 1, no traceback."""
+
+
+def disk_full(err: BaseException, where: Path) -> bool:
+    """Whether `err` (or what caused it) is ENOSPC, or the file system at `where` has (almost) no room left."""
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return shutil.disk_usage(where).free < 2**20
+    except OSError:
+        return False
 
 
 def config_hash(cfg: Config) -> str:
@@ -142,10 +162,13 @@ class CheckpointManager:
             self._remove_partial()
             tmp.mkdir(parents=True)
         barrier(self.env)
-        strategy.save_checkpoint(tmp / "model")
-        torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
-        if self.env.is_main:
-            (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(state), indent=1))
+        try:
+            strategy.save_checkpoint(tmp / "model")
+            torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
+            if self.env.is_main:
+                (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(state), indent=1))
+        except Exception as err:
+            raise self._write_failed(err, tmp, state.step) from err
         barrier(self.env)  # every rank has finished writing
         if self.env.is_main:
             _pause_for_tests(state.step)
@@ -162,6 +185,20 @@ class CheckpointManager:
         barrier(self.env)
         self.last_save_time = time.monotonic()
         return final
+
+    def _write_failed(self, err: Exception, tmp: Path, step: int) -> Exception:
+        """Remove the partial write (a full disk stays full otherwise, and the rerun fails too); a full disk is
+        named as such, whatever the serializer's own message says."""
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not disk_full(err, self.root):
+            return err
+        latest = latest_checkpoint(self.root)
+        free = shutil.disk_usage(self.root).free / 2**20
+        return CheckpointWriteError(
+            f"checkpoint step {step}: no space left on device under {self.root} ({free:.1f} MiB free). The "
+            f"partial checkpoint was removed. Free space (or lower checkpoint.keep_last, or set checkpoint.dir), "
+            f"then run the same command again: it resumes from {latest or 'the start (no complete checkpoint yet)'}"
+        )
 
     def _trainer_state(self, state: TrainState) -> dict[str, Any]:
         return {

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.checkpoint import CheckpointManager, TrainState
+from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainState, disk_full
 from launcher.config import Config, ConfigError, strategy_problems
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
@@ -30,7 +30,7 @@ from launcher.stop import EXIT_STOPPED, StopRequest
 from launcher.strategies import make_strategy
 from launcher.strategies.base import Strategy
 
-EXIT_OK = 0
+EXIT_OK, EXIT_FAILED = 0, 1
 EXIT_NONFINITE = 4  # a NaN/inf loss or gradient (train.nonfinite); nothing non-finite was saved
 
 
@@ -148,6 +148,9 @@ def run_training(cfg: Config) -> int:
         if env.is_main:
             log(f"aborted: {err}; exit code {EXIT_NONFINITE}")
         return EXIT_NONFINITE
+    except CheckpointWriteError as err:
+        log(f"failed: {err}")
+        return EXIT_FAILED
     finally:
         shutdown(env)
 
@@ -323,13 +326,20 @@ def report_peak_memory(env: DistEnv) -> None:
 
 def save_final(strategy: Strategy, tokenizer, out_dir: Path, env: DistEnv) -> Path:
     """Write OUTPUT_DIR/final atomically: a temp sibling renamed into place once complete."""
+    import shutil
+
     final = out_dir / "final"
     tmp = out_dir / ".final.tmp"
-    strategy.save_pretrained(tmp)
+    try:
+        strategy.save_pretrained(tmp)
+        if env.is_main:
+            tokenizer.save_pretrained(tmp)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(err, out_dir):
+            raise CheckpointWriteError(f"final model: no space left on device under {out_dir}") from err
+        raise
     if env.is_main:
-        tokenizer.save_pretrained(tmp)
-        import shutil
-
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from helpers import base_config, ftl, write_config
 
 from launcher import checkpoint
 from launcher.checkpoint import CheckpointManager, complete_checkpoints
@@ -35,3 +38,31 @@ def test_a_kill_while_pruning_leaves_no_complete_checkpoint_without_weights(
     done = complete_checkpoints(root)
     assert [p.name for p in done] == ["step-00000004"]
     assert all((p / "model" / "model.safetensors").exists() for p in done)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 160 KiB tmpfs: too small for one full-model checkpoint of the tiny model (weights + Adam state)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode()[-200:]}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_disk_full_says_so_and_leaves_no_partial_checkpoint(
+    tmp_path: Path, small_disk: Path, models: dict, toy_data: dict
+) -> None:
+    cfg = base_config(
+        tmp_path, models["llama"], toy_data["completion"], checkpoint={"every_steps": 2, "dir": str(small_disk)}
+    )
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    res = ftl("train", str(path))
+    assert res.returncode == 1 and "no space left on device" in res.stderr, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert list(small_disk.iterdir()) == []  # the partial write is gone: the disk is free again
+    subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
+    res = ftl("train", str(path))  # after freeing space, the same command runs
+    assert res.returncode == 0, res.stderr[-3000:]
