@@ -93,6 +93,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launcher.prepare import check_inputs
 
     check_inputs(cfg, args.nproc if args.nproc > 1 else None)  # before torch is even imported
+    if args.nproc <= 1:
+        from launcher.stop import listen_early
+
+        listen_early(cfg.checkpoint.stop_signals)
     if args.nproc > 1:
         from launcher.launch.local import spawn_local_ranks
 

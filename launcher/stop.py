@@ -10,14 +10,29 @@ from __future__ import annotations
 import signal
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-import torch.distributed as dist
-
-from launcher.dist import DistEnv
+if TYPE_CHECKING:  # torch-free at import: the CLI listens for stop signals before torch loads
+    from launcher.dist import DistEnv
 
 EXIT_STOPPED = 3  # "stopped early, checkpoint saved": distinct from success (0), failure (1), bad input (2)
 ABORT_AFTER_SECONDS = 2.0
+
+
+_early_reason: list[str] = []  # a stop signal that arrived before training started (while loading)
+
+
+def listen_early(signals: list[str]) -> None:
+    """From the moment the config is read: a stop signal during imports, data preparation or model loading
+    is remembered (the run stops cleanly, exit 3, before its first step) instead of killing the process."""
+
+    def remember(signum: int, _frame: object) -> None:
+        if signum == signal.SIGINT and _early_reason:
+            raise KeyboardInterrupt
+        _early_reason[:] = [f"signal {signal.Signals(signum).name} (while starting)"]
+
+    for name in signals:
+        signal.signal(getattr(signal, name), remember)
 
 
 class StopRequest:
@@ -26,8 +41,8 @@ class StopRequest:
     def __init__(self, env: DistEnv, stop_file: Path, signals: list[str], max_minutes: float | None):
         self.env = env
         self.stop_file = stop_file
-        self.reason: str | None = None
-        self.first_interrupt: float | None = None
+        self.reason: str | None = _early_reason[0] if _early_reason else None
+        self.first_interrupt: float | None = time.monotonic() if self.reason else None
         self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
         for name in signals:
             signal.signal(getattr(signal, name), self._on_signal)
@@ -65,6 +80,9 @@ class StopRequest:
         flags = [self._local(), want_save]
         if not self.env.distributed:
             return flags[0], flags[1]
+        import torch
+        import torch.distributed as dist
+
         device = self.env.device if self.env.device.type == "cuda" else "cpu"
         t = torch.tensor([float(f) for f in flags], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)

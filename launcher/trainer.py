@@ -268,6 +268,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()
     first_step = state.step
+    if stop.agreed()[0]:  # asked to stop while starting: the state is the checkpoint's, nothing new to save
+        return stopped_early(writer, stop, state, out_dir, env, saved=False)
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, tokenizer.pad_token_id)
         check_finite(cfg, state, sampler, ckpt)
@@ -299,14 +301,15 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
 
 
 def stopped_early(
-    writer: MetricsWriter | None, stop: StopRequest, state: TrainState, out_dir: Path, env: DistEnv
+    writer: MetricsWriter | None, stop: StopRequest, state: TrainState, out_dir: Path, env: DistEnv, saved: bool = True
 ) -> int:
-    """After the stop checkpoint is saved: consume the STOP file, record the stop, exit code 3."""
+    """After the stop checkpoint is saved (or nothing was trained yet): consume the STOP file, record, exit 3."""
     if writer:
         writer.close()
         stop.consume_stop_file()
         record_exit(out_dir, EXIT_STOPPED, state.step, stop.reason)
-        log(f"stopped early at step {state.step} ({stop.reason}); checkpoint saved; exit code {EXIT_STOPPED}")
+        what = "checkpoint saved" if saved else "before training on: nothing new to save"
+        log(f"stopped early at step {state.step} ({stop.reason}); {what}; exit code {EXIT_STOPPED}")
     barrier(env)  # no rank exits before rank 0 has recorded the stop
     return EXIT_STOPPED
 

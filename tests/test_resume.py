@@ -21,6 +21,7 @@ from resume_utils import (
     loss_scales,
     losses,
     max_weight_diff,
+    output,
     start,
     wait_for,
 )
@@ -151,6 +152,17 @@ def test_ctrl_c_saves_and_stops(tmp_path: Path, models: dict, toy_data: dict) ->
     assert code == EXIT_STOPPED and "signal SIGINT" in log, log[-3000:]
     saved = sorted((run / "checkpoints").glob("step-*"))
     assert len(saved) == 1 and (saved[0] / "COMPLETE").exists() and saved[0].name == f"step-{max(losses(run)):08d}"
+
+
+def test_sigterm_while_loading_exits_3_cleanly(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = _config(tmp_path, models, toy_data, "lora")
+    run = tmp_path / "run"
+    proc = start(cfg, f"output_dir={run}")
+    wait_for(lambda: "Loading weights" in output(proc), proc)  # the model is loading
+    proc.send_signal(signal.SIGTERM)
+    code, log = finish(proc, timeout=120)
+    assert code == EXIT_STOPPED and "SIGTERM (while starting)" in log, log[-3000:]
+    assert "Traceback" not in log and json.loads((run / "last_exit.json").read_text())["exit_code"] == 3
 
 
 def test_time_cadence_and_deadline_are_agreed_by_all_ranks(tmp_path: Path, models: dict, toy_data: dict) -> None:
