@@ -20,7 +20,6 @@ from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import cache_dir
 from launcher.launch.world import env_world
-from launcher.metrics import EXIT_RECORD
 from launcher.run_lock import lock_output_dir
 
 # Fields that may change between runs in one output_dir without changing what the run means. The split of
@@ -91,7 +90,6 @@ def prepare_output_dir(cfg: Config) -> Path:
         tmp = out / ".config.yaml.tmp"
         tmp.write_text(cfg.to_yaml())
         os.replace(tmp, saved)
-        (out / EXIT_RECORD).unlink(missing_ok=True)  # how an earlier run ended is not how this one will
     return out
 
 

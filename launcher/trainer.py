@@ -7,6 +7,7 @@ process group starts or a model loads, so bad input fails in seconds with exit c
 from __future__ import annotations
 
 import functools
+import json
 import math
 import random
 import time
@@ -22,7 +23,7 @@ from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainSt
 from launcher.config import Config, ConfigError, strategy_problems
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from launcher.metrics import MetricsWriter, log, record_exit
+from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit
 from launcher.model import load_tokenizer, param_counts
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.prepare import prepare_data, prepare_output_dir
@@ -258,9 +259,11 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     problems = strategy_problems(cfg, strategy.name, env.device.type == "cuda")  # `auto` is resolved now
     if problems:
         raise ConfigError(problems)
-    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, t))
     sampler = make_sampler(cfg, env, data)
     steps = total_steps(cfg, sampler)
+    if finished_before(out_dir, steps, env):
+        return EXIT_OK
+    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, t))
     ckpt = CheckpointManager(cfg, env, strategy.name)
     state = start_or_resume(ckpt, strategy, env, t.seed)
     describe_start(strategy, cfg, env, sampler, steps)
@@ -298,6 +301,21 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         log(f"done: {state.step} steps; artifacts in {final}")
     barrier(env)  # no rank exits before rank 0 has recorded how the run ended
     return EXIT_OK
+
+
+def finished_before(out_dir: Path, steps: int, env: DistEnv) -> bool:
+    """A run that already finished all `steps` (final/ written, recorded by rank 0) is not trained again."""
+    record = out_dir / EXIT_RECORD
+    done = record.is_file() and (out_dir / "final").is_dir()
+    if done:
+        ended = json.loads(record.read_text())
+        done = ended.get("exit_code") == EXIT_OK and ended.get("step") == steps
+    if done and env.is_main:
+        log(f"already finished: all {steps} steps are trained and {out_dir / 'final'} is complete; nothing to do")
+    barrier(env)  # every rank has read the record before rank 0 replaces it
+    if not done and env.is_main:
+        record.unlink(missing_ok=True)  # how an earlier run ended is not how this one will
+    return done
 
 
 def stopped_early(

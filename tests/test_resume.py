@@ -194,6 +194,9 @@ def test_stop_file_and_retention(tmp_path: Path, models: dict, toy_data: dict) -
     code, log = finish(start(cfg, f"output_dir={run}", "train.max_steps=12"))
     assert code == 0 and max(losses(run)) == 12, log[-3000:]
     assert json.loads((run / "last_exit.json").read_text())["exit_code"] == 0
+    rows = (run / "metrics.jsonl").read_text()
+    code, log = finish(start(cfg, f"output_dir={run}", "train.max_steps=12"))  # the same command once more
+    assert code == 0 and "already finished" in log and (run / "metrics.jsonl").read_text() == rows
 
 
 def test_a_metrics_row_cut_short_does_not_block_resume(tmp_path: Path, models: dict, toy_data: dict) -> None:
