@@ -12,7 +12,7 @@ from helpers import base_config, ftl, write_config
 
 from launcher import checkpoint
 from launcher.checkpoint import CheckpointManager, complete_checkpoints
-from launcher.config import Config
+from launcher.config import Config, ConfigError
 from launcher.dist import DistEnv
 
 
@@ -66,3 +66,20 @@ def test_disk_full_says_so_and_leaves_no_partial_checkpoint(
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
     res = ftl("train", str(path))  # after freeing space, the same command runs
     assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_only_complete_checkpoints_are_found_or_loaded(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    for step, complete in ((2, True), (4, False)):  # step 4: all files written, the marker not yet
+        d = root / f"step-{step:08d}"
+        (d / "model").mkdir(parents=True)
+        (d / "trainer_state.json").write_text("{}")
+        if complete:
+            (d / "COMPLETE").write_text(f"{step}\n")
+    auto = Config.model_validate({"output_dir": str(tmp_path)})
+    assert CheckpointManager(auto, DistEnv(), "single").resume_path() == root / "step-00000002"
+    explicit = Config.model_validate(
+        {"output_dir": str(tmp_path), "checkpoint": {"resume": str(root / "step-00000004")}}
+    )
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        CheckpointManager(explicit, DistEnv(), "single").resume_path()

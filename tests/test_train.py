@@ -193,3 +193,47 @@ def test_wandb_offline_logs_the_run(tmp_path: Path, models: dict, toy_data: dict
     run_id = (run / "wandb_id.txt").read_text().strip()
     offline = list((run / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb"))
+
+
+def test_loss_is_the_token_weighted_mean_of_the_global_batch(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """4 rows in one micro-batch == the same 4 rows as 2 micro-batches of 2 (rows of different lengths: a mean of
+    micro-batch means would differ)."""
+
+    def run(sub: str, micro: int, accum: int) -> Path:
+        train = {"max_steps": 4, "micro_batch_size": micro, "grad_accum": accum, "lr": 1e-2}
+        cfg = base_config(tmp_path / sub, models["llama"], toy_data["completion"], train=train)
+        (tmp_path / sub).mkdir()
+        return _train(tmp_path / sub, cfg)
+
+    whole, split = run("whole", 4, 1), run("split", 2, 2)
+    loss = lambda r: [x["loss"] for x in read_metrics(r)]  # noqa: E731
+    assert loss(split) == pytest.approx(loss(whole), rel=1e-5)
+    from resume_utils import final_weights, max_weight_diff
+
+    assert max_weight_diff(final_weights(whole), final_weights(split)) < 1e-5
+
+
+def test_lr_follows_warmup_then_cosine(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    train = {"max_steps": 8, "lr": 1e-3, "warmup_steps": 3, "schedule": "cosine"}
+    run = _train(tmp_path, base_config(tmp_path, models["llama"], toy_data["completion"], train=train))
+    lrs = [r["lr"] for r in read_metrics(run)]
+    import math
+
+    warm = [1e-3 * (k + 1) / 4 for k in range(3)]  # linear warmup to the peak
+    decay = [1e-3 * 0.5 * (1 + math.cos(math.pi * (k - 3) / 5)) for k in range(3, 8)]
+    assert lrs == pytest.approx(warm + decay, rel=1e-9)
+
+
+@pytest.mark.parametrize("nproc", [0, 2], ids=["single", "ddp"])
+def test_gradient_clipping_bounds_the_update(tmp_path: Path, models: dict, toy_data: dict, nproc: int) -> None:
+    """One SGD step of lr 1 with max_grad_norm 1e-4: the whole update has norm 1e-4 (unclipped it is ~1)."""
+    from safetensors.torch import load_file
+
+    train = {"max_steps": 1, "optimizer": "sgd", "lr": 1.0, "max_grad_norm": 1e-4, "warmup_steps": 0}
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], train=train)
+    strategy = "distributed.strategy=" + ("ddp" if nproc else "single")
+    run = _train(tmp_path, cfg, strategy, nproc=nproc)
+    before, after = load_file(models["llama"] / "model.safetensors"), load_file(run / "final" / "model.safetensors")
+    update = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
+    assert 0.5e-4 < float(update) <= 1.001e-4
+    assert read_metrics(run)[0]["grad_norm"] > 1e-2  # the norm before clipping was far larger
