@@ -19,7 +19,10 @@ STRATEGY = {
 
 def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str) -> Path:
     """kind: full | lora | qlora, or full-fp16 (a loss scale that overflows and grows every step)."""
-    method = {"kind": kind.removesuffix("-fp16"), "lora": {"r": 8, "alpha": 16, "dropout": 0.0}}
+    # QLoRA runs train with adapter dropout, so their exact resume proves each rank's RNG state is restored;
+    # the others use none, as a world-size change cannot reproduce per-rank dropout masks
+    dropout = 0.1 if kind == "qlora" else 0.0
+    method = {"kind": kind.removesuffix("-fp16"), "lora": {"r": 8, "alpha": 16, "dropout": dropout}}
     if kind == "qlora":
         method["qlora"] = {"compute_dtype": "float32"}
     train = {"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2}
