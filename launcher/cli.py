@@ -16,13 +16,21 @@ from launcher.config import Config, ConfigError, load_config
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
+def _count(text: str) -> int:
+    """A whole number of at least 0 (argparse turns the ValueError into exit 2 naming the option)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(text)
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ftl", description="Fine-tune LLMs: full, LoRA, QLoRA; DDP/FSDP/DeepSpeed.")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train from a YAML config (joins torchrun/accelerate/srun ranks)")
     t.add_argument("config")
     t.add_argument("overrides", nargs="*", help="dotted.key=value, applied after the file")
-    t.add_argument("--nproc", type=int, default=0, help="spawn N local ranks (CPU: gloo, GPU: nccl)")
+    t.add_argument("--nproc", type=_count, default=0, help="spawn N local ranks (CPU: gloo, GPU: nccl)")
     v = sub.add_parser("validate", help="print the resolved config, or every problem (exit 2)")
     v.add_argument("config")
     v.add_argument("overrides", nargs="*")

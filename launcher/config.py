@@ -24,7 +24,8 @@ class ConfigError(Exception):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `lr: .inf` or `epochs: .nan` is a typo, never a setting
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -72,10 +73,17 @@ class DataConfig(_Section):
     max_seq_len: int = Field(512, ge=8, description="Rows are truncated (or packed) to this many tokens.")
     packing: bool = Field(False, description="Pack samples into full rows (no cross-sample attention).")
     mask_prompt: bool = Field(True, description="Only answer tokens carry loss.")
+    max_dropped_fraction: float = Field(
+        0.05,
+        ge=0,
+        le=1,
+        description="Rows whose every answer token is cut by max_seq_len are dropped (and "
+        "reported); more than this share of a split is an error.",
+    )
 
 
 class TrainConfig(_Section):
-    seed: int = Field(0, description="Seeds the data order, init of new layers, dropout.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seeds the data order, init of new layers, dropout.")
     max_steps: int | None = Field(100, ge=1, description="Optimizer steps; wins over epochs when both set.")
     epochs: float | None = Field(None, gt=0, description="Epochs over train, used when max_steps is unset.")
     micro_batch_size: int = Field(4, ge=1, description="Rows per rank per forward pass.")
@@ -85,7 +93,7 @@ class TrainConfig(_Section):
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
-    max_grad_norm: float | None = Field(1.0, description="Clip the global grad norm; null: no clipping.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm; null: no clipping.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute precision.")
     fp16_initial_scale: float = Field(
         65536.0, gt=0, description="fp16: the loss scale to start from, a power of two (halved on overflow)."
@@ -202,13 +210,30 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> list[str]:
     return problems
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses a key given twice in one mapping (YAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key '{key}' appears twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping; problems name the file (and line for syntax errors)."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError([f"config: file not found: {p}"])
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config: {p}: not UTF-8 text (byte {exc.start})"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -274,9 +299,34 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
     bad = [n for n in cfg.checkpoint.stop_signals if not isinstance(getattr(signal, n, None), signal.Signals)]
     if bad:
         p.append(f"checkpoint.stop_signals: unknown signal name(s) {', '.join(bad)} (e.g. SIGTERM, SIGUSR1)")
+    uncatchable = [n for n in cfg.checkpoint.stop_signals if n in ("SIGKILL", "SIGSTOP")]
+    if uncatchable:
+        p.append(
+            f"checkpoint.stop_signals: {', '.join(uncatchable)} cannot be caught, so it cannot mean 'save and stop'"
+        )
+    p += model_path_problems(cfg)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
     p += strategy_problems(cfg, cfg.distributed.strategy, cuda)
+    return p
+
+
+def model_path_problems(cfg: Config) -> list[str]:
+    """model.path / model.tokenizer: an existing model directory, or a hub id while the hub is reachable."""
+    p: list[str] = []
+    offline = any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    for field, value in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            p.append(f"{field}: {value} is a file; give the model's directory (the one holding config.json)")
+        elif path.is_dir() and field == "model.path" and not (path / "config.json").is_file():
+            p.append(f"{field}: {value} has no config.json (is it a Hugging Face model directory?)")
+        elif not path.exists() and (value.startswith(("/", ".", "~")) or value.count("/") != 1):
+            p.append(f"{field}: no such directory: {value} (and it is not a hub id of the form org/name)")
+        elif not path.exists() and offline:
+            p.append(f"{field}: {value} is not a local directory, and the hub is offline (HF_HUB_OFFLINE)")
     return p
 
 

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config import Config
+from launcher.config import Config, ConfigError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -112,7 +112,10 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
         from peft import get_peft_model
 
         torch.manual_seed(cfg.train.seed)
-        model = get_peft_model(model, lora_config(cfg))
+        try:
+            model = get_peft_model(model, lora_config(cfg))
+        except ValueError as err:  # peft: a target module that the model does not have
+            raise ConfigError([f"method.lora.target_modules: {err}"]) from None
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype

@@ -80,6 +80,8 @@ def prepare_output_dir(cfg: Config) -> Path:
     """Create and lock OUTPUT_DIR (rank 0); refuse one in use by another run or holding a run of a different
     config; write config.yaml (rank 0)."""
     out = Path(cfg.output_dir)
+    if out.exists() and not out.is_dir():
+        check_output_dir(cfg)  # names the problem
     rank, _, _ = env_world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)

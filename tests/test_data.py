@@ -66,12 +66,16 @@ def test_malformed_line_and_missing_fields_are_named(tmp_path: Path, models: dic
         read_splits(_cfg(tmp_path, models["llama"], data))
 
 
-def test_empty_after_filtering(tmp_path: Path, models: dict) -> None:
+def test_rows_truncated_away_are_counted_and_too_many_are_an_error(tmp_path: Path, models: dict) -> None:
     tok = AutoTokenizer.from_pretrained(models["llama"])
-    rows = [{"prompt": " ".join(["w1"] * 40), "completion": " w2"}] * 3
-    cfg = _cfg(tmp_path, models["llama"], write_jsonl(tmp_path / "long.jsonl", rows), max_seq_len=16)
-    with pytest.raises(ConfigError, match=r"empty after filtering.*max_seq_len=16"):
+    rows = [{"prompt": " ".join(["w1"] * 40), "completion": " w2"}] + [{"prompt": "w1", "completion": " w2"}] * 3
+    data = write_jsonl(tmp_path / "long.jsonl", rows)
+    cfg = _cfg(tmp_path, models["llama"], data, max_seq_len=16)  # the first row's answer is cut away
+    with pytest.raises(ConfigError, match=r"1 of 4 rows \(25%\) lost every answer token.*max_seq_len=16"):
         tokenize_split(read_splits(cfg).train, cfg, tok, "data.train", build=True)
+    tolerant = _cfg(tmp_path, models["llama"], data, max_seq_len=16, max_dropped_fraction=0.5)
+    samples = tokenize_split(read_splits(tolerant).train, tolerant, tok, "data.train", build=True)
+    assert len(samples) == 3 and samples.dropped == 1
 
 
 def test_tokenisation_is_cached_on_disk(tmp_path: Path, models: dict, toy_data: dict) -> None:

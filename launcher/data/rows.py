@@ -27,29 +27,50 @@ Row = dict[str, Any]
 def read_rows(path: str, field: str) -> list[Row]:
     """All rows of one file; `field` (e.g. 'data.train') prefixes every problem."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError([f"{field}: {p} is a directory; give the data file(s) in it (a list is fine)"])
     if not p.is_file():
         raise ConfigError([f"{field}: file not found: {p}"])
     suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return _read_jsonl(p, field)
-    if suffix == ".json":
-        return _read_json(p, field)
-    if suffix == ".csv":
-        with p.open(newline="") as f:
-            return list(csv.DictReader(f))
+    try:
+        if suffix in (".jsonl", ".ndjson"):
+            return _read_jsonl(p, field)
+        if suffix == ".json":
+            return _read_json(p, field)
+        if suffix == ".csv":
+            with p.open(newline="", encoding="utf-8") as f:
+                return list(csv.DictReader(f))
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{field}: {p}: not UTF-8 text (byte {exc.start})"]) from None
     if suffix in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
-
-        return pq.read_table(p).to_pylist()
+        return _read_parquet(p, field)
     raise ConfigError([f"{field}: {p}: unsupported file type '{suffix}' (use .jsonl, .json, .csv, .parquet)"])
+
+
+def _read_parquet(p: Path, field: str) -> list[Row]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(p).to_pylist()
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise ConfigError([f"{field}: {p}: not a readable Parquet file ({exc})"]) from None
 
 
 def _read_jsonl(p: Path, field: str) -> list[Row]:
     rows, problems = [], []
-    with p.open() as f:
-        for lineno, line in enumerate(f, 1):
+    with p.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                problems.append(f"{field}: {p} line {lineno}: not UTF-8 text (byte {exc.start} of the line)")
+                continue
             if not line.strip():
                 continue
+            if lineno == 1 and line.lstrip().startswith("["):
+                raise ConfigError(
+                    [f"{field}: {p} holds a JSON array, not one object per line: name it .json, or write JSONL"]
+                )
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -94,12 +115,25 @@ def check_rows(rows: list[Row], fmt: str, path: str, field: str, num_labels: int
             )
         elif fmt == "chat":
             problems += _check_messages(row["messages"], f"{field}: {_where(path, row, i)}")
-        elif fmt == "classification":
-            problems += _check_label(row["label"], num_labels, f"{field}: {_where(path, row, i)}")
+        else:
+            problems += _check_texts(row, fmt, f"{field}: {_where(path, row, i)}")
+            if fmt == "classification":
+                problems += _check_label(row["label"], num_labels, f"{field}: {_where(path, row, i)}")
         if len(problems) >= 20:
             problems.append("... (stopping after 20 problems)")
             break
     return problems
+
+
+TEXT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("prompt", "completion")}
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+
+
+def _check_texts(row: Row, fmt: str, where: str) -> list[str]:
+    """Text fields must be strings: a number or a NaN (an empty CSV/Parquet cell) would train as 'nan'."""
+    names = TEXT_FIELDS.get(fmt, ("text",))
+    bad = [k for k in names if row.get(k) is not None and not isinstance(row[k], str)]
+    return [f"{where}: field '{k}' must be text, got {type(row[k]).__name__} {row[k]!r}" for k in bad]
 
 
 def _check_messages(messages: Any, where: str) -> list[str]:
@@ -108,6 +142,10 @@ def _check_messages(messages: Any, where: str) -> list[str]:
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             return [f"{where}: messages[{j}] needs 'role' and 'content'"]
+        if m["role"] not in CHAT_ROLES:
+            return [f"{where}: messages[{j}].role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}"]
+        if not isinstance(m["content"], str):
+            return [f"{where}: messages[{j}].content must be text, got {type(m['content']).__name__}"]
     if not any(m["role"] == "assistant" for m in messages):
         return [f"{where}: no assistant message (nothing to learn from)"]
     return []
@@ -116,8 +154,11 @@ def _check_messages(messages: Any, where: str) -> list[str]:
 def _check_label(label: Any, num_labels: int, where: str) -> list[str]:
     try:
         value = int(label)
-    except (TypeError, ValueError):
-        return [f"{where}: label '{label}' is not an integer"]
+        exact = float(label) == value and not isinstance(label, bool)
+    except (TypeError, ValueError, OverflowError):
+        exact = False
+    if not exact:
+        return [f"{where}: label {label!r} is not an integer class id"]
     if not 0 <= value < num_labels:
         return [f"{where}: label {value} outside [0, model.num_labels={num_labels})"]
     return []

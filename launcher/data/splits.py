@@ -11,6 +11,7 @@ from launcher.config import Config, ConfigError
 from launcher.data.formats import require_chat_template
 from launcher.data.rows import load_split
 from launcher.data.tokenized import Samples, cache_dir, cache_key, load_samples, pack, save_samples, tokenize_rows
+from launcher.launch.world import env_world
 
 
 @dataclass
@@ -59,20 +60,38 @@ def tokenize_split(rows: list[dict], cfg: Config, tokenizer: Any, field: str, bu
     settings = {"format": d.format, "max_len": d.max_seq_len, "mask_prompt": d.mask_prompt}
     path = cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
     if path.exists():
-        return load_samples(path)
+        return check_dropped(load_samples(path), len(rows), cfg, field)
     if not build:
         return None
     if d.format == "chat":
         require_chat_template(tokenizer, cfg.model.tokenizer or cfg.model.path)
     samples = tokenize_rows(rows, d.format, tokenizer, d.max_seq_len, d.mask_prompt)
-    if len(samples) == 0:
+    if len(samples) > 0:
+        save_samples(samples, path)
+    return check_dropped(samples, len(rows), cfg, field)
+
+
+def check_dropped(samples: Samples, total: int, cfg: Config, field: str) -> Samples:
+    """Rows that lost every answer token to truncation are dropped: say how many, and refuse too many."""
+    if not samples.dropped:
+        return samples
+    d = cfg.data
+    share = samples.dropped / max(total, 1)
+    what = (
+        f"{field}: {samples.dropped} of {total} rows ({share:.0%}) lost every answer token to truncation at "
+        f"data.max_seq_len={d.max_seq_len}"
+    )
+    if share > d.max_dropped_fraction or len(samples) == 0:
         raise ConfigError(
             [
-                f"{field}: empty after filtering: all {samples.dropped} rows lost every answer token to "
-                f"truncation at data.max_seq_len={d.max_seq_len} (raise it, or shorten the prompts)"
+                f"{what}: more than data.max_dropped_fraction={d.max_dropped_fraction:g} (raise max_seq_len, or "
+                "shorten the prompts)"
             ]
         )
-    save_samples(samples, path)
+    if env_world()[0] == 0:
+        from launcher.metrics import log
+
+        log(f"{what}; they are left out")
     return samples
 
 
