@@ -167,6 +167,14 @@ class Strategy(ABC):
         return {"strategy": self.name}
 
 
+def quantized_linears(model: nn.Module) -> int:
+    """How many bitsandbytes 4-bit linear layers `model` holds (QLoRA's frozen base; 0 without bitsandbytes)."""
+    import sys
+
+    bnb = sys.modules.get("bitsandbytes")
+    return sum(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()) if bnb is not None else 0
+
+
 def read_checkpoint_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     """The trainable tensors an unsharded strategy (single, DDP) saved, read offline."""
     from safetensors.torch import load_file

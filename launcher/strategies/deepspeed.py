@@ -31,7 +31,7 @@ from launcher.config import Config
 from launcher.dist import DistEnv
 from launcher.metrics import log
 from launcher.model import DTYPES
-from launcher.strategies.base import OptimizerFactory, Strategy
+from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
 from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, read_user_json, resolve_stage_offload
 
 CKPT_TAG = "state"
@@ -238,6 +238,7 @@ class DeepSpeedStrategy(Strategy):
         numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.unwrapped.parameters()]
         total, trainable = sum(n for n, _ in numel), sum(n for n, t in numel if t)
         report = {**self.describe(), "total_params": total, "trainable_params": trainable, "ranks": ranks}
+        report["linear4bit"] = quantized_linears(self.unwrapped)
         out = Path(self.cfg.output_dir)
         if out.is_dir():
             (out / SHARDING_FILE).write_text(json.dumps(report, indent=1) + "\n")

@@ -36,7 +36,7 @@ from launcher.config import Config, ConfigError
 from launcher.dist import DistEnv
 from launcher.metrics import log
 from launcher.model import DTYPES
-from launcher.strategies.base import OptimizerFactory, Strategy
+from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
 
 MP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARDING_FILE = "sharding.json"
@@ -232,9 +232,12 @@ class FSDPStrategy(Strategy):
         params, state = self.local_numel()
         rows: list[Any] = [None] * dist.get_world_size()
         dist.all_gather_object(rows, {"params": params, "optimizer_state": state})
+        units = [name for name, m in self.model.named_modules() if isinstance(m, FSDPModule)]  # "" = the root
         out = Path(self.cfg.output_dir)
         if self.env.is_main and out.is_dir():
-            (out / SHARDING_FILE).write_text(json.dumps({"strategy": self.name, "ranks": rows}, indent=1))
+            report = {"strategy": self.name, "ranks": rows, "fsdp_units": units}
+            report["linear4bit"] = quantized_linears(self.model)
+            (out / SHARDING_FILE).write_text(json.dumps(report, indent=1))
 
     # --- state ---------------------------------------------------------------------------------------
     def _options(self, **kw: bool) -> StateDictOptions:

@@ -46,6 +46,9 @@ def _assert_sharded(run: Path, total: int, trainable: int) -> None:
         assert r["params"] == pytest.approx(total / 2, rel=0.03), (r, total)
         assert r["optimizer_state"] == pytest.approx(trainable, rel=0.03), (r, trainable)
     assert sum(r["params"] for r in ranks) == pytest.approx(total, rel=0.01)
+    # every transformer block is its own FSDP unit (sharding only the root would also halve the counts above)
+    units = json.loads((run / "sharding.json").read_text())["fsdp_units"]
+    assert "" in units and all(any(u.endswith(f"layers.{i}") for u in units) for i in range(2)), units
 
 
 def test_full_fsdp_is_sharded_and_matches_single_with_accumulation(
@@ -140,8 +143,10 @@ def test_qlora_fsdp_bf16_with_checkpointing_trains(tmp_path: Path, models: dict,
     assert sum(losses[-3:]) / 3 < losses[0] - 0.05, losses
     adapter = load_file(run / "final" / "adapter_model.safetensors")
     assert max(float(t.abs().max()) for k, t in adapter.items() if "lora_B" in k) > 0  # B starts at zero
-    ranks = json.loads((run / "sharding.json").read_text())["ranks"]
+    report = json.loads((run / "sharding.json").read_text())
+    ranks = report["ranks"]
     assert ranks[0]["optimizer_state"] == ranks[1]["optimizer_state"] == _numel(adapter)
+    assert report["linear4bit"] == 2 * 7  # the frozen base really is 4-bit: q,k,v,o,gate,up,down per block
 
 
 def test_full_fsdp_bf16_mixed_precision_with_checkpointing(tmp_path: Path, models: dict, toy_data: dict) -> None:
