@@ -1,0 +1,174 @@
+"""Chaos: kill real `ftl train` runs at random moments, rerun the same command until it finishes, and count
+what was lost. Every cell but "W&B ids" must be 0 (W&B ids: 1 per trial).
+
+    python scripts/chaos.py [--trials 20] [--strategies single,fsdp,zero3] [--seed 0] [--kills 2]
+
+Each trial (seeded: `--seed S` replays a failure) kills a run up to --kills times, each time at a moment drawn
+uniformly over the uninterrupted run's wall time (so also inside checkpoint writes, pruning and the final
+save), by SIGKILL to the whole process group or, for 2-rank runs, to the `--nproc` launcher only. After each
+kill: processes of the run still alive 10 s later are orphans; every checkpoint marked COMPLETE must hold
+its weights and trainer state. The last attempt runs to the end; its steps and final weights are compared
+with an uninterrupted run of the same config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from helpers import base_config, build_model, reverse_rows, write_config, write_jsonl  # noqa: E402
+from resume_utils import final_weights, max_weight_diff  # noqa: E402
+
+STRATEGIES = {
+    "single": (["distributed.strategy=single"], 0),
+    "fsdp": (["distributed.strategy=fsdp"], 2),
+    "zero3": (["distributed.strategy=deepspeed", "distributed.zero_stage=3"], 2),
+}
+STEPS = 12
+
+
+def start(cfg: Path, run: Path, overrides: list[str], nproc: int) -> subprocess.Popen:
+    args = [sys.executable, "-m", "launcher", "train", str(cfg), f"output_dir={run}", *overrides]
+    args += ["--nproc", str(nproc)] if nproc else []
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    log = (run.parent / f"{run.name}.log").open("a")
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def run_processes(run: Path) -> list[psutil.Process]:
+    """Live processes whose command line names this run's output_dir."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if f"output_dir={run}" in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(p)
+    return found
+
+
+def corrupt_checkpoints(run: Path) -> int:
+    """COMPLETE checkpoints that lack their trainer state or model files."""
+    bad = 0
+    for ckpt in (run / "checkpoints").glob("step-*"):
+        if not (ckpt / "COMPLETE").is_file():
+            continue
+        try:
+            json.loads((ckpt / "trainer_state.json").read_text())
+            ok = any(p.is_file() and p.stat().st_size for p in (ckpt / "model").rglob("*"))
+        except (OSError, ValueError):
+            ok = False
+        bad += not ok
+    return bad
+
+
+def kill(proc: subprocess.Popen, launcher_only: bool) -> None:
+    if proc.poll() is not None:
+        return
+    if launcher_only:
+        os.kill(proc.pid, signal.SIGKILL)  # the ranks must die with it (PDEATHSIG)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def trial(cfg: Path, run: Path, name: str, rng: random.Random, wall: float, kills: int) -> dict[str, float]:
+    overrides, nproc = STRATEGIES[name]
+    out = {"kills": 0, "corrupt": 0, "failed_resumes": 0, "orphans": 0}
+    for _ in range(rng.randint(1, kills)):
+        proc = start(cfg, run, overrides, nproc)
+        time.sleep(rng.uniform(0.0, wall))
+        out["kills"] += proc.poll() is None  # it may have finished first: then the rerun has nothing to do
+        kill(proc, launcher_only=bool(nproc) and rng.random() < 0.5)
+        time.sleep(3)  # PDEATHSIG acts at once; a group kill leaves nothing
+        orphans = run_processes(run)
+        out["orphans"] += len(orphans)
+        for p in orphans:
+            p.kill()
+        out["corrupt"] += corrupt_checkpoints(run)
+    proc = start(cfg, run, overrides, nproc)
+    code = proc.wait(timeout=1800)
+    out["failed_resumes"] += code != 0
+    return out
+
+
+def compare(run: Path, ref: Path) -> dict[str, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    steps = [r["step"] for r in rows if "loss" in r]
+    ids = {d.name.rsplit("-", 1)[-1] for d in (run / "wandb").glob("offline-run-*")}
+    diff = max_weight_diff(final_weights(run), final_weights(ref)) if (run / "final").is_dir() else float("inf")
+    return {
+        "weight_diff": diff,
+        "missing_steps": len(set(range(1, STEPS + 1)) - set(steps)),
+        "duplicated_steps": len(steps) - len(set(steps)),
+        "wandb_ids": len(ids),
+    }
+
+
+def chaos(root: Path, name: str, trials: int, seed: int, kills: int) -> dict[str, float]:
+    model = build_model(root / "model")
+    data = write_jsonl(root / "data.jsonl", reverse_rows(96, seed=1))
+    cfg = base_config(
+        root,
+        model,
+        data,
+        method={"kind": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.1}},
+        train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2},
+        checkpoint={"every_steps": 2, "keep_last": 2},
+        logging={"every_steps": 1, "wandb": {"enabled": True, "project": "chaos"}},
+    )
+    path = write_config(root / "cfg.yaml", cfg)
+    t0 = time.monotonic()
+    ref_proc = start(path, root / "ref", *STRATEGIES[name])
+    if ref_proc.wait() != 0:
+        raise SystemExit(f"the uninterrupted {name} run failed: {(root / 'ref.log').read_text()[-3000:]}")
+    wall = time.monotonic() - t0
+    total = {"trials": trials, "kills": 0, "corrupt": 0, "failed_resumes": 0, "orphans": 0, "weight_diff": 0.0}
+    total |= {"missing_steps": 0, "duplicated_steps": 0, "wandb_ids_max": 0}
+    for i in range(trials):
+        run = root / f"trial{i}"
+        got = trial(path, run, name, random.Random(f"{seed}-{name}-{i}"), wall, kills)
+        got |= compare(run, root / "ref") if got["failed_resumes"] == 0 else {}
+        for key in ("kills", "corrupt", "failed_resumes", "orphans", "missing_steps", "duplicated_steps"):
+            total[key] += got.get(key, 0)
+        total["weight_diff"] = max(total["weight_diff"], got.get("weight_diff", float("inf")))
+        total["wandb_ids_max"] = max(total["wandb_ids_max"], got.get("wandb_ids", 0))
+        print(f"{name} trial {i}: {got}", file=sys.stderr, flush=True)
+    return total
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--strategies", default="single,fsdp,zero3")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--kills", type=int, default=2, help="at most this many kills per trial")
+    args = ap.parse_args()
+    os.environ.setdefault("WANDB_SILENT", "true")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="ftl-chaos-") as tmp:
+        os.environ.setdefault("FTL_CACHE_DIR", str(Path(tmp) / "cache"))
+        for name in args.strategies.split(","):
+            (Path(tmp) / name).mkdir()
+            rows.append((name, chaos(Path(tmp) / name, name, args.trials, args.seed, args.kills)))
+    cols = ["trials", "kills", "corrupt", "failed_resumes", "weight_diff", "missing_steps", "duplicated_steps"]
+    cols += ["wandb_ids_max", "orphans"]
+    print("| strategy | " + " | ".join(cols) + " |")
+    print("| --- " * (len(cols) + 1) + "|")
+    for name, t in rows:
+        cells = [f"{t[c]:.1e}" if c == "weight_diff" else str(t[c]) for c in cols]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""The short chaos run (scripts/chaos.py): random SIGKILLs of real runs, single and FSDP, lose nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from helpers import ROOT
+
+pytestmark = pytest.mark.slow
+
+
+def test_random_kills_lose_nothing() -> None:
+    cmd = [sys.executable, "scripts/chaos.py", "--trials", "2", "--strategies", "single,fsdp", "--kills", "1"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [line.strip("| ").split(" | ") for line in res.stdout.splitlines() if line.startswith("| ")]
+    header, rows = lines[0], lines[2:]  # lines[1] is the separator
+    table = {r[0]: dict(zip(header[1:], r[1:], strict=True)) for r in rows}
+    assert set(table) == {"single", "fsdp"}, res.stdout
+    for name, row in table.items():
+        zeros = ("corrupt", "failed_resumes", "missing_steps", "duplicated_steps", "orphans")
+        assert all(row[k] == "0" for k in zeros) and float(row["weight_diff"]) <= 1e-6, (name, row)
+        assert row["wandb_ids_max"] == "1", (name, row)
