@@ -39,6 +39,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--merge", action="store_true", help="fold LoRA/QLoRA adapters into the base weights")
     e.add_argument("--checkpoint", help="export checkpoints/step-N (any strategy, consolidated offline)")
+    c = sub.add_parser("check", help="preflight: config, data, model size, disk, GPUs, rendezvous, W&B (exit 2)")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--nproc", type=_count, default=0, help="also start N ranks that meet and all-reduce once")
     _slurm_parser(sub.add_parser("slurm", help="submit a run to SLURM, or show its job"))
     return p
 
@@ -114,6 +118,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run_training(cfg)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from launcher.preflight import run_check
+
+    return run_check(resolved_config(args), args.nproc)
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_run
 
@@ -136,7 +146,8 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    handler = {"train": cmd_train, "validate": cmd_validate, "export": cmd_export, "slurm": cmd_slurm}[args.command]
+    commands = {"train": cmd_train, "validate": cmd_validate, "check": cmd_check, "export": cmd_export}
+    handler = {**commands, "slurm": cmd_slurm}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

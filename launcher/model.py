@@ -136,3 +136,22 @@ def param_counts(model: nn.Module) -> tuple[int, int]:
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
+
+
+def build_meta_model(cfg: Config) -> nn.Module:
+    """The architecture `launcher.model.build_model` makes (full or LoRA), on the meta device: no weights read.
+
+    It must match rank 0's model name for name; `set_model_state_dict(strict)` checks that it does.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    m = cfg.model
+    classify = m.task == "sequence_classification"
+    extra: dict[str, Any] = {"num_labels": m.num_labels} if classify else {}
+    hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **extra)
+    cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
+    kwargs: dict[str, Any] = {} if classify else {"attn_implementation": "sdpa"}
+    with torch.device("meta"):
+        model = cls.from_config(hf_config, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
+    set_pad_token_id(model)
+    return attach_method(model, cfg)

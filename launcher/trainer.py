@@ -130,6 +130,19 @@ def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: Globa
         )
 
 
+def check_room(cfg: Config, strategy: Strategy, env: DistEnv) -> None:
+    """`ftl check`'s cheap parts before the first step: W&B can log (else exit 2); the disk has room for the
+    checkpoints and final model (an estimate: a warning)."""
+    from launcher.preflight import disk_problems, wandb_problems
+
+    problems = wandb_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    if env.is_main:
+        for problem in disk_problems(cfg, *param_counts(strategy.unwrapped)):
+            log(f"warning: {problem}")
+
+
 def describe_sharding(strategy: Strategy, env: DistEnv) -> None:
     """After the first step (optimizer state exists then): what rank 0 holds locally."""
     local_params, local_state = strategy.local_numel()
@@ -267,6 +280,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     ckpt = CheckpointManager(cfg, env, strategy.name)
     state = start_or_resume(ckpt, strategy, env, t.seed)
     describe_start(strategy, cfg, env, sampler, steps)
+    check_room(cfg, strategy, env)
     writer = MetricsWriter(cfg, out_dir, steps, state) if env.is_main else None
     stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()

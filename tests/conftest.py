@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,3 +36,15 @@ def toy_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         fmt: write_jsonl(root / f"{fmt}.jsonl", reverse_rows(64, seed=1, fmt=fmt))
         for fmt in ("completion", "chat", "alpaca", "text", "classification")
     }
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 160 KiB tmpfs: too small for one full-model checkpoint of the tiny model (weights + Adam state)."""
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
+    if res.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode()[-200:]}")
+    yield mnt
+    subprocess.run(["umount", "-l", str(mnt)], check=False)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,18 +37,6 @@ def test_a_kill_while_pruning_leaves_no_complete_checkpoint_without_weights(
     done = complete_checkpoints(root)
     assert [p.name for p in done] == ["step-00000004"]
     assert all((p / "model" / "model.safetensors").exists() for p in done)
-
-
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 160 KiB tmpfs: too small for one full-model checkpoint of the tiny model (weights + Adam state)."""
-    mnt = tmp_path / "disk"
-    mnt.mkdir()
-    res = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mnt)], capture_output=True)
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root): {res.stderr.decode()[-200:]}")
-    yield mnt
-    subprocess.run(["umount", "-l", str(mnt)], check=False)
 
 
 def test_disk_full_says_so_and_leaves_no_partial_checkpoint(

@@ -35,7 +35,7 @@ from torch.distributed.tensor import DTensor
 from launcher.config import Config, ConfigError
 from launcher.dist import DistEnv
 from launcher.metrics import log
-from launcher.model import DTYPES
+from launcher.model import DTYPES, build_meta_model
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
 
 MP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -91,27 +91,6 @@ def clip_by_global_norm(params: list[nn.Parameter], max_norm: float | None, comm
         for g in grads:
             g.mul_(max_norm / (norm + 1e-6))
     return norm
-
-
-def build_meta_model(cfg: Config) -> nn.Module:
-    """The architecture `launcher.model.build_model` makes (full or LoRA), on the meta device: no weights read.
-
-    It must match rank 0's model name for name; `set_model_state_dict(strict)` checks that it does.
-    """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from launcher.model import attach_method, set_pad_token_id
-
-    m = cfg.model
-    classify = m.task == "sequence_classification"
-    extra: dict[str, Any] = {"num_labels": m.num_labels} if classify else {}
-    hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **extra)
-    cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {} if classify else {"attn_implementation": "sdpa"}
-    with torch.device("meta"):
-        model = cls.from_config(hf_config, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
-    set_pad_token_id(model)
-    return attach_method(model, cfg)
 
 
 class FSDPStrategy(Strategy):
