@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from launcher.config import Config, ConfigError, checkpoint_root
+from launcher.strategies.traits import traits
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -25,7 +26,8 @@ def checkpoint_bytes(cfg: Config, trainable: int, total: int) -> tuple[int, int]
     keeps an fp32 master copy); the final model is the whole model for full fine-tuning, else the adapter."""
     full = cfg.method.kind == "full"
     weight = DTYPE_BYTES[cfg.model.dtype] if full else 4
-    master = 4 if cfg.distributed.strategy == "deepspeed" else 0
+    declared = traits(cfg.distributed.strategy)
+    master = 4 if declared and declared.fp32_master_copy else 0
     return trainable * (weight + 8 + master), (total if full else trainable) * weight
 
 

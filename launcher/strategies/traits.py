@@ -19,6 +19,7 @@ class StrategyTraits:
     unpickles: bool  # loading the format runs pickle: only from the run's own checkpoint directory
     fp16_needs_cuda: bool  # its fp16 loss scaling exists only on CUDA
     skips_steps: bool  # a step's update can be dropped (train.nonfinite: skip)
+    fp32_master_copy: bool  # its checkpoints also hold an fp32 copy of the trained weights
     weights_reader: str  # module whose `read_checkpoint_weights(model_dir)` consolidates weights offline
 
     def read_weights(self, model_dir: Path) -> dict[str, Any]:
@@ -32,6 +33,7 @@ _TORCH = StrategyTraits(
     unpickles=False,
     fp16_needs_cuda=False,
     skips_steps=True,
+    fp32_master_copy=False,
     weights_reader="launcher.strategies.base",
 )
 TRAITS = {
@@ -43,6 +45,7 @@ TRAITS = {
         unpickles=True,
         fp16_needs_cuda=False,
         skips_steps=True,
+        fp32_master_copy=False,
         weights_reader="launcher.strategies.fsdp",
     ),
     "deepspeed": StrategyTraits(
@@ -51,6 +54,7 @@ TRAITS = {
         unpickles=True,
         fp16_needs_cuda=True,
         skips_steps=False,
+        fp32_master_copy=True,
         weights_reader="launcher.strategies.deepspeed",
     ),
 }
