@@ -105,14 +105,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from launcher.prepare import check_inputs
 
     check_inputs(cfg, args.nproc if args.nproc > 1 else None)  # before torch is even imported
-    if args.nproc <= 1:
-        from launcher.stop import listen_early
-
-        listen_early(cfg.checkpoint.stop_signals)
     if args.nproc > 1:
         from launcher.launch.local import spawn_local_ranks
 
         return spawn_local_ranks(args.nproc, [args.config, *args.overrides], cfg.checkpoint.stop_signals)
+    from launcher.stop import listen_early
+
+    listen_early(cfg.checkpoint.stop_signals)  # before the heavy imports below
     from launcher.trainer import run_training
 
     return run_training(cfg)

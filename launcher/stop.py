@@ -20,6 +20,13 @@ ABORT_AFTER_SECONDS = 2.0
 
 
 _early_reason: list[str] = []  # a stop signal that arrived before training started (while loading)
+_early_interrupt: list[float] = []  # when the first Ctrl-C of that time arrived
+
+
+def _second_press(first: float | None) -> bool:
+    """Ctrl-C reaches every rank of `ftl train --nproc` twice (from the terminal and from the parent): only a
+    press a moment after the first means "abort now, without a checkpoint"."""
+    return first is not None and time.monotonic() - first > ABORT_AFTER_SECONDS
 
 
 def listen_early(signals: list[str]) -> None:
@@ -27,8 +34,12 @@ def listen_early(signals: list[str]) -> None:
     is remembered (the run stops cleanly, exit 3, before its first step) instead of killing the process."""
 
     def remember(signum: int, _frame: object) -> None:
-        if signum == signal.SIGINT and _early_reason:
-            raise KeyboardInterrupt
+        if signum == signal.SIGINT and _early_interrupt:
+            if _second_press(_early_interrupt[0]):
+                raise KeyboardInterrupt
+            return
+        if signum == signal.SIGINT:
+            _early_interrupt.append(time.monotonic())
         _early_reason[:] = [f"signal {signal.Signals(signum).name} (while starting)"]
 
     for name in signals:
@@ -42,7 +53,7 @@ class StopRequest:
         self.env = env
         self.stop_file = stop_file
         self.reason: str | None = _early_reason[0] if _early_reason else None
-        self.first_interrupt: float | None = time.monotonic() if self.reason else None
+        self.first_interrupt: float | None = _early_interrupt[0] if _early_interrupt else None
         self.deadline = time.monotonic() + max_minutes * 60 if max_minutes else None
         for name in signals:
             signal.signal(getattr(signal, name), self._on_signal)
@@ -50,9 +61,7 @@ class StopRequest:
     def _on_signal(self, signum: int, _frame: object) -> None:
         name = signal.Signals(signum).name
         if signum == signal.SIGINT and self.first_interrupt is not None:
-            # Ctrl-C reaches every rank of `ftl train --nproc` twice (from the terminal and from the parent):
-            # only a second press a moment later means "abort now, without a checkpoint"
-            if time.monotonic() - self.first_interrupt > ABORT_AFTER_SECONDS:
+            if _second_press(self.first_interrupt):
                 raise KeyboardInterrupt
             return
         if signum == signal.SIGINT:

@@ -14,7 +14,8 @@ PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FAILED_RANK_GRACE = 30.0  # seconds the other ranks get to end on their own after one rank failed
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port that is free on this machine right now (for a local rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -57,7 +58,7 @@ def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
 
 def spawn_local_ranks(nproc: int, train_args: list[str], stop_signals: list[str]) -> int:
     """Start nproc local ranks of `ftl train`; the exit code is the worst of theirs."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in range(nproc):
         env = dict(
