@@ -4,8 +4,10 @@ what was lost. Every cell but "W&B ids" must be 0 (W&B ids: 1 per trial).
     python scripts/chaos.py [--trials 20] [--strategies single,fsdp,zero3] [--seed 0] [--kills 2]
 
 Each trial (seeded: `--seed S` replays a failure) kills a run up to --kills times, each time at a moment drawn
-uniformly over the uninterrupted run's wall time (so also inside checkpoint writes, pruning and the final
-save), by SIGKILL to the whole process group or, for 2-rank runs, to the `--nproc` launcher only. After each
+uniformly over that attempt's own expected duration (start-up, then the steps it still has to do, from the
+uninterrupted run's timings; so also inside checkpoint writes, pruning and the final save), by SIGKILL to the
+whole process group or, for 2-rank runs, to the `--nproc` launcher only. A first attempt that finishes before
+its kill is started afresh with a new draw, so every trial is hit at least once. After each
 kill: processes of the run still alive 10 s later are orphans; every checkpoint marked COMPLETE must hold
 its weights and trainer state. The last attempt runs to the end; its steps and final weights are compared
 with an uninterrupted run of the same config.
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,13 +85,32 @@ def kill(proc: subprocess.Popen, launcher_only: bool) -> None:
     proc.wait()
 
 
-def trial(cfg: Path, run: Path, name: str, rng: random.Random, wall: float, kills: int) -> dict[str, float]:
+def done_steps(run: Path) -> int:
+    """The step of the latest COMPLETE checkpoint (where the next attempt resumes), 0 when none."""
+    steps = [int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
+    return max(steps, default=0)
+
+
+def kill_moment(rng: random.Random, timing: tuple[float, float], run: Path) -> float:
+    """Uniform over this attempt's expected duration: start-up plus the steps left to do."""
+    startup, training = timing
+    return rng.uniform(0.0, startup + training * (STEPS - done_steps(run)) / STEPS)
+
+
+def trial(cfg: Path, run: Path, name: str, rng: random.Random, timing: tuple[float, float], kills: int) -> dict:
     overrides, nproc = STRATEGIES[name]
     out = {"kills": 0, "corrupt": 0, "failed_resumes": 0, "orphans": 0}
-    for _ in range(rng.randint(1, kills)):
+    wanted, fresh_starts = rng.randint(1, kills), 0
+    while out["kills"] < wanted:
         proc = start(cfg, run, overrides, nproc)
-        time.sleep(rng.uniform(0.0, wall))
-        out["kills"] += proc.poll() is None  # it may have finished first: then the rerun has nothing to do
+        time.sleep(kill_moment(rng, timing, run))
+        if proc.poll() is not None:  # finished before the kill
+            if out["kills"] or fresh_starts == 3:
+                break
+            shutil.rmtree(run)  # not hit yet: start the trial afresh with a new draw
+            fresh_starts += 1
+            continue
+        out["kills"] += 1
         kill(proc, launcher_only=bool(nproc) and rng.random() < 0.5)
         time.sleep(3)  # PDEATHSIG acts at once; a group kill leaves nothing
         orphans = run_processes(run)
@@ -100,6 +122,22 @@ def trial(cfg: Path, run: Path, name: str, rng: random.Random, wall: float, kill
     code = proc.wait(timeout=1800)
     out["failed_resumes"] += code != 0
     return out
+
+
+def reference_timing(path: Path, root: Path, name: str) -> tuple[float, float]:
+    """(start-up, training) seconds of an uninterrupted run; the first run warms caches and is not timed."""
+    for ref in ("warmup", "ref"):
+        t0, first_row = time.monotonic(), None
+        proc = start(path, root / ref, *STRATEGIES[name])
+        while proc.poll() is None:
+            if first_row is None and (root / ref / "metrics.jsonl").is_file():
+                first_row = time.monotonic() - t0
+            time.sleep(0.05)
+        if proc.returncode != 0:
+            raise SystemExit(f"the uninterrupted {name} run failed: {(root / f'{ref}.log').read_text()[-3000:]}")
+    wall = time.monotonic() - t0
+    startup = first_row if first_row is not None else 0.0
+    return startup, wall - startup
 
 
 def compare(run: Path, ref: Path) -> dict[str, float]:
@@ -128,16 +166,13 @@ def chaos(root: Path, name: str, trials: int, seed: int, kills: int) -> dict[str
         logging={"every_steps": 1, "wandb": {"enabled": True, "project": "chaos"}},
     )
     path = write_config(root / "cfg.yaml", cfg)
-    t0 = time.monotonic()
-    ref_proc = start(path, root / "ref", *STRATEGIES[name])
-    if ref_proc.wait() != 0:
-        raise SystemExit(f"the uninterrupted {name} run failed: {(root / 'ref.log').read_text()[-3000:]}")
-    wall = time.monotonic() - t0
+    timing = reference_timing(path, root, name)
+    print(f"{name}: start-up {timing[0]:.1f} s, training {timing[1]:.1f} s", file=sys.stderr, flush=True)
     total = {"trials": trials, "kills": 0, "corrupt": 0, "failed_resumes": 0, "orphans": 0, "weight_diff": 0.0}
     total |= {"missing_steps": 0, "duplicated_steps": 0, "wandb_ids_max": 0}
     for i in range(trials):
         run = root / f"trial{i}"
-        got = trial(path, run, name, random.Random(f"{seed}-{name}-{i}"), wall, kills)
+        got = trial(path, run, name, random.Random(f"{seed}-{name}-{i}"), timing, kills)
         got |= compare(run, root / "ref") if got["failed_resumes"] == 0 else {}
         for key in ("kills", "corrupt", "failed_resumes", "orphans", "missing_steps", "duplicated_steps"):
             total[key] += got.get(key, 0)

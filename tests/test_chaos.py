@@ -23,3 +23,4 @@ def test_random_kills_lose_nothing() -> None:
         zeros = ("corrupt", "failed_resumes", "missing_steps", "duplicated_steps", "orphans")
         assert all(row[k] == "0" for k in zeros) and float(row["weight_diff"]) <= 1e-6, (name, row)
         assert row["wandb_ids_max"] == "1", (name, row)
+        assert int(row["kills"]) >= 2, (name, row)  # every trial was hit
