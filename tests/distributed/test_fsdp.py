@@ -161,6 +161,12 @@ def test_full_fsdp_bf16_mixed_precision_with_checkpointing(tmp_path: Path, model
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     weights = load_file(run / "final" / "model.safetensors")
     assert all(t.dtype == torch.float32 for t in weights.values())  # sharded master weights stay fp32
+    # bf16 really computes: step 1 (same initial weights, same batch) differs from fp32 by bf16 rounding only
+    fp32 = _train(
+        tmp_path / "fp32", cfg, "distributed.strategy=fsdp", "train.precision=fp32", "train.max_steps=1", nproc=2
+    )
+    first = _losses(fp32)[0]
+    assert 1e-5 < abs(losses[0] - first) / first < 2e-2, (losses[0], first)
 
 
 def _free_port() -> int:
