@@ -25,8 +25,9 @@ def record_exit(out_dir: Path, code: int, step: int, reason: str | None) -> None
 
 
 def log(msg: str) -> None:
-    """One plain, timestamped line on stderr (rank 0 calls it)."""
-    print(f"[ftl {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+    """One plain, timestamped line on stderr (rank 0 calls it), written at once so ranks never interleave."""
+    sys.stderr.write(f"[ftl {time.strftime('%H:%M:%S')}] {msg}\n")
+    sys.stderr.flush()
 
 
 class MetricsWriter:

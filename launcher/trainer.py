@@ -162,8 +162,8 @@ def run_training(cfg: Config) -> int:
         if env.is_main:
             log(f"aborted: {err}; exit code {EXIT_NONFINITE}")
         return EXIT_NONFINITE
-    except CheckpointWriteError as err:
-        log(f"failed: {err}")
+    except CheckpointWriteError as err:  # every rank says it: the disk may be full on one node only
+        log(f"failed: {err}" if env.is_main else f"rank {env.rank} failed: {err}")
         return EXIT_FAILED
     finally:
         shutdown(env)

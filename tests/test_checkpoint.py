@@ -39,19 +39,29 @@ def test_a_kill_while_pruning_leaves_no_complete_checkpoint_without_weights(
     assert all((p / "model" / "model.safetensors").exists() for p in done)
 
 
+SHARDED = {
+    "single": ([], []),
+    "fsdp": (["distributed.strategy=fsdp"], ["--nproc", "2"]),
+    "zero3": (["distributed.strategy=deepspeed", "distributed.zero_stage=3"], ["--nproc", "2"]),
+}
+
+
+@pytest.mark.parametrize("strategy", list(SHARDED))
 def test_disk_full_says_so_and_leaves_no_partial_checkpoint(
-    tmp_path: Path, small_disk: Path, models: dict, toy_data: dict
+    tmp_path: Path, small_disk: Path, models: dict, toy_data: dict, strategy: str
 ) -> None:
+    """Every rank's writer hits the full disk (DCP, DeepSpeed, safetensors): one clear error, nothing partial."""
+    overrides, nproc = SHARDED[strategy]
     cfg = base_config(
         tmp_path, models["llama"], toy_data["completion"], checkpoint={"every_steps": 2, "dir": str(small_disk)}
     )
     path = write_config(tmp_path / "cfg.yaml", cfg)
-    res = ftl("train", str(path))
+    res = ftl("train", str(path), *overrides, *nproc, timeout=300)
     assert res.returncode == 1 and "no space left on device" in res.stderr, res.stderr[-3000:]
     assert "Traceback" not in res.stderr
     assert list(small_disk.iterdir()) == []  # the partial write is gone: the disk is free again
     subprocess.run(["mount", "-o", "remount,size=8m", str(small_disk)], check=True)
-    res = ftl("train", str(path))  # after freeing space, the same command runs
+    res = ftl("train", str(path), *overrides, *nproc, timeout=300)  # after freeing space, the same command runs
     assert res.returncode == 0, res.stderr[-3000:]
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -225,7 +227,8 @@ class FSDPStrategy(Strategy):
     def save_checkpoint(self, directory: Path) -> None:
         """Sharded DCP checkpoint of the model (trainable parameters only for adapters) and optimizer."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
-        dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
+        with _dcp_errors_as_exceptions():
+            dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
         if self.scaler and self.env.is_main:  # plain numbers, the same on every rank
             (directory / SCALER_FILE).write_text(json.dumps(self.scaler.state_dict()))
 
@@ -233,7 +236,8 @@ class FSDPStrategy(Strategy):
         """Load a DCP checkpoint into the current sharding (any world size: DCP reshards)."""
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
         state = {"model": model_sd, "optimizer": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory))
+        with _dcp_errors_as_exceptions():
+            dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(
             self.model,
             self.optimizer,
@@ -258,6 +262,20 @@ class FSDPStrategy(Strategy):
         state = get_model_state_dict(self.model, options=options)
         if self.env.is_main:
             self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+
+
+class DCPError(RuntimeError):
+    """A DCP save/load failed on some rank; the message holds each rank's error (e.g. ENOSPC)."""
+
+
+@contextlib.contextmanager
+def _dcp_errors_as_exceptions() -> Iterator[None]:
+    """DCP raises CheckpointException, a BaseException that `except Exception` (the checkpoint manager's
+    disk-full handling, the CLI's error reporting) would let through as a traceback."""
+    try:
+        yield
+    except CheckpointException as err:
+        raise DCPError(str(err)) from None
 
 
 def read_checkpoint_weights(model_dir: Path) -> dict[str, torch.Tensor]:
