@@ -20,7 +20,9 @@ def record_exit(out_dir: Path, code: int, step: int, reason: str | None) -> None
     """Write OUTPUT_DIR/last_exit.json. A SLURM job script reads it: torchrun and srun report a rank's exit 3
     as a failure of their own, so the launcher's exit code cannot tell a graceful stop from a crash."""
     tmp = out_dir / f".{EXIT_RECORD}.tmp"
-    tmp.write_text(json.dumps({"exit_code": code, "step": step, "reason": reason, "time": time.time()}) + "\n")
+    record = {"exit_code": code, "step": step, "reason": reason, "time": time.time()}
+    record["attempt"] = os.environ.get("FTL_ATTEMPT_ID")  # set by the SLURM job script, which checks it
+    tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(out_dir / EXIT_RECORD)
 
 

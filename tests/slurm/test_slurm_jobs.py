@@ -108,6 +108,10 @@ def test_srun_job_preempted_twice_hits_the_requeue_limit_then_resubmits(straight
     job2 = second.stdout.split()[-1]  # "Submitted batch job N"
     assert wait_final(run, job2)["JobState"] == "COMPLETED", job_log(run, job2)
     assert "at step 9" in job_log(run, job2)
+    third = subprocess.run(resubmit.split(), capture_output=True, text=True, check=True)  # once more: finished
+    job3 = third.stdout.split()[-1]
+    assert wait_final(run, job3)["JobState"] == "COMPLETED", job_log(run, job3)
+    assert "already finished" in job_log(run, job3)  # trains nothing (its last_exit.json says so)
     _assert_same_run(run, straight)
     assert len(list((run / "wandb").glob("offline-run-*"))) == 3  # three attempts, one W&B run id
     assert not (run / "STOP").exists()
