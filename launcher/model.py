@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from launcher.config import Config, ConfigError
+from launcher.loss import install_label_only_head
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -121,6 +122,7 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
+    install_label_only_head(model)
     return model
 
 

@@ -23,6 +23,7 @@ from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainSt
 from launcher.config import Config, ConfigError, strategy_problems
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from launcher.loss import labels_for_head
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit
 from launcher.model import load_tokenizer, param_counts
 from launcher.optim import build_optimizer, lr_factor, set_lr
@@ -45,7 +46,14 @@ def total_steps(cfg: Config, sampler: GlobalBatchSampler) -> int:
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed loss over the batch's label tokens (or rows), and correct predictions for classification."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    logits = model(**inputs).logits.float()
+    if "labels" in batch:
+        with labels_for_head(batch["labels"]):
+            out = model(**inputs).logits
+        if out.ndim == 0:  # the output layer computed the label-only loss (launcher/loss.py)
+            return out, 0
+        logits = out.float()
+    else:
+        logits = model(**inputs).logits.float()
     if "class_labels" in batch:
         labels = batch["class_labels"]
         correct = int((logits.argmax(-1) == labels).sum())
