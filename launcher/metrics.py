@@ -35,8 +35,9 @@ def log(msg: str) -> None:
 class MetricsWriter:
     """Writes each logged step once to metrics.jsonl, the terminal and (optionally) W&B."""
 
-    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, state: Any):
+    def __init__(self, cfg: Config, out_dir: Path, total_steps: int, state: Any, mfu: Any = None):
         self.path = out_dir / "metrics.jsonl"
+        self.mfu = mfu  # tokens/s -> model FLOPs utilisation (launcher/mfu.py)
         self.cfg = cfg
         self.total = total_steps
         self.bar = None
@@ -55,6 +56,8 @@ class MetricsWriter:
 
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (training step or eval) and show it."""
+        if self.mfu is not None and "tokens_per_s" in row:
+            row["mfu"] = self.mfu(row["tokens_per_s"])
         with self.path.open("a") as f:  # strict JSON: a NaN/inf (a skipped step's loss) is written as null
             f.write(json.dumps({k: None if _nonfinite(v) else v for k, v in row.items()}) + "\n")
         if self.wandb_run is not None:
@@ -71,9 +74,10 @@ class MetricsWriter:
             return
         eta = (self.total - row["step"]) * row.get("step_time", 0.0)
         scale = f" loss_scale={row['loss_scale']:g}" if "loss_scale" in row else ""
+        mfu = f" mfu={row['mfu']:.1%}" if "mfu" in row else ""
         log(
             f"step {row['step']}/{self.total} loss={row['loss']:.4f} lr={row['lr']:.2e} "
-            f"grad_norm={row['grad_norm']:.3f}{scale} tokens/s={row['tokens_per_s']:.0f} eta={eta:.0f}s"
+            f"grad_norm={row['grad_norm']:.3f}{scale} tokens/s={row['tokens_per_s']:.0f}{mfu} eta={eta:.0f}s"
         )
 
     def _say(self, msg: str) -> None:
@@ -170,3 +174,18 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
     fig.tight_layout()
     fig.savefig(png, dpi=100)
     plt.close(fig)
+
+
+def report_peak_memory(env: Any) -> None:
+    """One line per rank: CUDA max allocated, or this process's max RSS on CPU."""
+    import torch
+
+    if env.device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(env.device) / 2**20
+        what = "cuda max allocated"
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        what = "cpu max rss"
+    log(f"rank {env.rank}: peak memory {peak:.0f} MiB ({what})")

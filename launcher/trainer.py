@@ -24,7 +24,8 @@ from launcher.config import Config, ConfigError, strategy_problems
 from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from launcher.loss import labels_for_head
-from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit
+from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
+from launcher.mfu import MfuMeter
 from launcher.model import load_tokenizer, param_counts
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.prepare import prepare_data, prepare_output_dir
@@ -289,7 +290,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     state = start_or_resume(ckpt, strategy, env, t.seed)
     describe_start(strategy, cfg, env, sampler, steps)
     check_room(cfg, strategy, env)
-    writer = MetricsWriter(cfg, out_dir, steps, state) if env.is_main else None
+    writer = MetricsWriter(cfg, out_dir, steps, state, start_mfu(strategy, data, env)) if env.is_main else None
     stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()
     first_step = state.step
@@ -325,6 +326,12 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     return EXIT_OK
 
 
+def start_mfu(strategy: Strategy, data: DataSplits, env: DistEnv) -> MfuMeter:
+    """The meter for the `mfu` column (rank 0; the CPU peak is measured once per machine, then cached)."""
+    train = data.train
+    return MfuMeter(strategy.unwrapped, train.mean_length, train.label_fraction, env.device, env.world_size)
+
+
 def finished_before(out_dir: Path, steps: int, env: DistEnv) -> bool:
     """A run that already finished all `steps` (final/ written, recorded by rank 0) is not trained again."""
     record = out_dir / EXIT_RECORD
@@ -352,19 +359,6 @@ def stopped_early(
         log(f"stopped early at step {state.step} ({stop.reason}); {what}; exit code {EXIT_STOPPED}")
     barrier(env)  # no rank exits before rank 0 has recorded the stop
     return EXIT_STOPPED
-
-
-def report_peak_memory(env: DistEnv) -> None:
-    """One line per rank: CUDA max allocated, or this process's max RSS on CPU."""
-    if env.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(env.device) / 2**20
-        what = "cuda max allocated"
-    else:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        what = "cpu max rss"
-    log(f"rank {env.rank}: peak memory {peak:.0f} MiB ({what})")
 
 
 def save_final(strategy: Strategy, tokenizer, out_dir: Path, env: DistEnv) -> Path:

@@ -35,6 +35,15 @@ class Samples:
         return len(self.input_ids)
 
     @property
+    def mean_length(self) -> float:
+        return sum(len(x) for x in self.input_ids) / max(len(self), 1)
+
+    @property
+    def label_fraction(self) -> float:
+        """Label-carrying tokens per token (causal rows; 0 for classification)."""
+        return self.num_label_tokens / max(sum(len(x) for x in self.input_ids), 1) if self.labels is not None else 0.0
+
+    @property
     def num_label_tokens(self) -> int:
         if self.labels is None:
             return len(self)
