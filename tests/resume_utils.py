@@ -46,7 +46,11 @@ def output(proc: subprocess.Popen) -> str:
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, str]:
-    proc.wait(timeout=timeout)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)  # a run that ignored its stop signal must not train on behind the suite
+        raise
     return proc.returncode, output(proc)
 
 
