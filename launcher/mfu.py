@@ -101,7 +101,7 @@ def cpu_peak_flops() -> float:
     return float(cached[key])
 
 
-def _measure_matmul(n: int = 1024, repeats: int = 8) -> float:
+def _measure_matmul(n: int = 2048, repeats: int = 10) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)  # warm-up
     best = float("inf")

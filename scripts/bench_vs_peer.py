@@ -5,10 +5,11 @@
 
 Default model: SmolLM2-135M-Instruct (the demo's, converted once into the ftl cache). Data: variable-length
 chat rows (2–40 words per turn). Both sides: LoRA r=16 alpha 32 on all linear layers, fp32, micro batch 8,
-max length 256, AdamW lr 1e-3, CPU. Each run is its own process; runs are interleaved (TRL pad, ftl pad, TRL
-pack, ftl pack, then again) so a slow spell of the machine hits every variant alike. Reported per variant:
-useful (non-padding) tokens/s, the median over steps 2..N of one run, then the median and spread over
-repeats; peak RSS of the run's process tree; wall time of the whole process. Numbers, not assertions.
+max length 256, AdamW lr 1e-3, CPU, gradient checkpointing on (both tools' default; ftl also without it).
+Each run is its own process; runs are interleaved (every variant once, then again) so a slow spell of the
+machine hits every variant alike. Reported per variant: useful (non-padding) tokens/s, the median over
+steps 2..N of one run, then the median and spread over repeats; peak RSS of the run's process tree; wall
+time of the whole process. Numbers, not assertions.
 """
 
 from __future__ import annotations
@@ -84,13 +85,21 @@ def run_measured(args: list[str], out: Path) -> dict[str, float]:
     return {"rss_gb": peak / 1e9, "wall_s": time.perf_counter() - t0}
 
 
-def run_ftl(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool) -> dict[str, float]:
+def run_ftl(
+    model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool, checkpointing: bool = True
+) -> dict[str, float]:
     cfg = {
         "output_dir": str(out),
         "model": {"path": str(model)},
         "method": {"kind": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
         "data": {"train": str(data), "format": "chat", "max_seq_len": 256, "packing": packing},
-        "train": {"max_steps": steps, "micro_batch_size": batch, "lr": 1e-3, "max_grad_norm": 1.0},
+        "train": {
+            "max_steps": steps,
+            "micro_batch_size": batch,
+            "lr": 1e-3,
+            "max_grad_norm": 1.0,
+            "gradient_checkpointing": checkpointing,
+        },
         "checkpoint": {"every_steps": 0},
     }
     path = out.with_suffix(".yaml")
@@ -110,7 +119,15 @@ def run_trl(model: Path, data: Path, out: Path, steps: int, batch: int, packing:
     return got
 
 
-VARIANTS = [("TRL", "padding"), ("ftl", "padding"), ("TRL", "packing"), ("ftl", "packing")]
+# (who, batching, gradient checkpointing); both default to checkpointing on
+VARIANTS = [
+    ("TRL", "padding", True),
+    ("ftl", "padding", True),
+    ("ftl", "padding", False),
+    ("TRL", "packing", True),
+    ("ftl", "packing", True),
+    ("ftl", "packing", False),
+]
 
 
 def main() -> None:
@@ -125,24 +142,27 @@ def main() -> None:
         from demo_model import ensure_model
 
         args.model = ensure_model()[0]
-    results: dict[tuple[str, str], list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    results: dict[tuple[str, str, bool], list[dict[str, float]]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory(prefix="ftl-bench-") as tmp:
         data = Path(tmp) / "chat.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.rows, 2, 40)))
         for r in range(args.repeats):
-            for who, mode in VARIANTS:
-                run = run_ftl if who == "ftl" else run_trl
-                got = run(args.model, data, Path(tmp) / f"{who}-{mode}-{r}", args.steps, args.batch, mode == "packing")
-                results[(who, mode)].append(got)
-                print(f"repeat {r} {who} {mode}: {got}", file=sys.stderr, flush=True)
+            for who, mode, gc in VARIANTS:
+                out, packing = Path(tmp) / f"{who}-{mode}-{gc}-{r}", mode == "packing"
+                if who == "ftl":
+                    got = run_ftl(args.model, data, out, args.steps, args.batch, packing, gc)
+                else:
+                    got = run_trl(args.model, data, out, args.steps, args.batch, packing)
+                results[(who, mode, gc)].append(got)
+                print(f"repeat {r} {who} {mode} checkpointing={gc}: {got}", file=sys.stderr, flush=True)
     print_table(results, args)
 
 
-def print_table(results: dict[tuple[str, str], list[dict[str, float]]], args: argparse.Namespace) -> None:
-    def med(v: tuple[str, str], key: str) -> float:
+def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], args: argparse.Namespace) -> None:
+    def med(v: tuple[str, str, bool], key: str) -> float:
         return statistics.median(x[key] for x in results[v])
 
-    def spread(v: tuple[str, str], key: str, fmt: str) -> str:
+    def spread(v: tuple[str, str, bool], key: str, fmt: str) -> str:
         xs = [x[key] for x in results[v]]
         return f"{min(xs):{fmt}}–{max(xs):{fmt}}"
 
@@ -153,11 +173,13 @@ def print_table(results: dict[tuple[str, str], list[dict[str, float]]], args: ar
     )
     print("| run | useful tokens/s | vs TRL | peak RSS GB | vs TRL | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for who, mode in VARIANTS:
-        v, peer = (who, mode), ("TRL", mode)
+    for v in VARIANTS:
+        who, mode, gc = v
+        peer = ("TRL", mode, True)
         tps, rss = med(v, "tokens_per_s"), med(v, "rss_gb")
+        label = f"{who}, {mode}" + ("" if gc else ", no checkpointing")
         print(
-            f"| {who}, {mode} | {tps:.1f} ({spread(v, 'tokens_per_s', '.1f')}) | "
+            f"| {label} | {tps:.1f} ({spread(v, 'tokens_per_s', '.1f')}) | "
             f"{tps / med(peer, 'tokens_per_s'):.2f}× | {rss:.2f} ({spread(v, 'rss_gb', '.2f')}) | "
             f"{rss / med(peer, 'rss_gb'):.2f}× | {med(v, 'wall_s'):.0f} |"
         )
