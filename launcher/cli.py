@@ -2,7 +2,7 @@
 
 Exit codes: 0 success; 1 the run failed; 2 bad input (config, data, paths), reported before heavy work;
 3 stopped early on request (signal, STOP file, max_minutes) with a checkpoint saved: rerun to resume;
-4 a NaN/inf loss or gradient (train.nonfinite), nothing non-finite saved.
+4 a NaN/inf loss or gradient (train.nonfinite), nothing non-finite saved. `ftl estimate`: 0 fits, 1 does not.
 """
 
 from __future__ import annotations
@@ -43,6 +43,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("config")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--nproc", type=_count, default=0, help="also start N ranks that meet and all-reduce once")
+    m = sub.add_parser("estimate", help="per-rank peak memory before launch; whether it fits (exit 0) or not (1)")
+    m.add_argument("config")
+    m.add_argument("overrides", nargs="*")
+    m.add_argument("--nproc", type=_count, default=1, help="ranks the run will have (default 1)")
+    gpu = m.add_mutually_exclusive_group()
+    gpu.add_argument("--gpu", help="a GPU by name (H100, A100-40GB, L4, ...): its memory, CUDA overheads")
+    gpu.add_argument("--gpu-mem", type=float, help="GiB per GPU (any GPU); without --gpu*: this machine's CPU")
     _slurm_parser(sub.add_parser("slurm", help="submit a run to SLURM, or show its job"))
     return p
 
@@ -123,6 +130,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     return run_check(resolved_config(args), args.nproc)
 
 
+def cmd_estimate(args: argparse.Namespace) -> int:
+    from launcher.estimate import report
+
+    cuda = args.gpu is not None or args.gpu_mem is not None
+    cfg = load_config(args.config, args.overrides, cuda=cuda)
+    try:
+        fits, text = report(cfg, max(args.nproc, 1), cuda, args.gpu, args.gpu_mem)
+    except (OSError, KeyError, ValueError) as err:  # no/odd config.json, an unknown GPU name
+        raise ConfigError([f"ftl estimate: {err}"]) from None
+    print(text)
+    return EXIT_OK if fits else EXIT_FAILED
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from launcher.export import export_run
 
@@ -146,7 +166,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": cmd_train, "validate": cmd_validate, "check": cmd_check, "export": cmd_export}
-    handler = {**commands, "slurm": cmd_slurm}[args.command]
+    handler = {**commands, "estimate": cmd_estimate, "slurm": cmd_slurm}[args.command]
     try:
         return handler(args)
     except ConfigError as err:

@@ -24,12 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from launcher import loss_models
+
 IGNORE = -100
-CHUNK_ELEMENTS = 2**24  # logits per chunk (64 MiB in fp32)
-# model_type values whose *ForCausalLM.forward returns lm_head(hidden_states) as its logits, unchanged
-PLAIN_HEAD_MODELS = frozenset(
-    {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt_neox", "phi3", "olmo", "olmo2"}
-)
 _LABELS: ContextVar[torch.Tensor | None] = ContextVar("ftl_labels", default=None)
 
 
@@ -38,7 +35,7 @@ def install_label_only_head(model: nn.Module) -> bool:
     Linear forward otherwise, e.g. for generation). Returns whether the model was switched."""
     config = getattr(model, "config", None)
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if getattr(config, "model_type", None) not in PLAIN_HEAD_MODELS or type(head) is not nn.Linear:
+    if getattr(config, "model_type", None) not in loss_models.PLAIN_HEAD_MODELS or type(head) is not nn.Linear:
         return False
     head.forward = functools.partial(_head_forward, head)  # this instance only; names and hooks unchanged
     return True
@@ -70,7 +67,7 @@ def label_loss_sum(
     rows, wanted = hidden[:, :-1][keep], targets[keep]
     if rows.shape[0] == 0:
         return hidden.float().sum() * 0.0  # no labels: zero, still connected to the graph
-    step = max(1, CHUNK_ELEMENTS // weight.shape[0])
+    step = max(1, loss_models.CHUNK_ELEMENTS // weight.shape[0])
     total = None
     for i in range(0, rows.shape[0], step):
         part = checkpoint(_chunk_loss, rows[i : i + step], weight, bias, wanted[i : i + step], use_reentrant=False)

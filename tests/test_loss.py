@@ -12,6 +12,7 @@ from helpers import reverse_rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launcher import loss as label_loss
+from launcher import loss_models
 from launcher.data import collate
 from launcher.data.formats import IGNORE
 from launcher.data.tokenized import pack, tokenize_rows
@@ -62,7 +63,7 @@ def _pair(model_dir: Path, lora: bool) -> tuple[torch.nn.Module, torch.nn.Module
 def test_label_only_loss_equals_full_logits_loss(
     models: dict, arch: str, lora: bool, packed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(label_loss, "CHUNK_ELEMENTS", 80 * 7)  # vocab 80: chunks of 7 positions
+    monkeypatch.setattr(loss_models, "CHUNK_ELEMENTS", 80 * 7)  # vocab 80: chunks of 7 positions
     plain, switched = _pair(models[arch], lora)
     batch = _batch(models[arch], packed)
     assert (batch["labels"][:, 1:] == IGNORE).float().mean() > 0.3  # many positions carry no label

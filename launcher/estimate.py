@@ -1,0 +1,271 @@
+"""`ftl estimate`: per-rank peak memory of a run before it starts, from the config and the model's
+config.json alone (no weights, no deepspeed import), and which settings would make it fit.
+
+Bytes are counted per rank:
+- weights: the model dtype; QLoRA stores linear weights in 4 bits (+ one fp32 absmax per 64, a byte with
+  double quantisation); adapters train in fp32;
+- gradients (trainable only) and optimizer state (AdamW 8 bytes per trainable element, 8-bit AdamW 2, SGD 0);
+- sharding: FSDP shards weights, gradients and state and gathers one block at a time; ZeRO-1 shards the
+  state, ZeRO-2 also gradients, ZeRO-3 also weights; offloaded parts leave the device;
+- activations of one micro-batch at max_seq_len (the worst case): the tensors each layer keeps for
+  backward, or with gradient checkpointing only each layer's input plus one layer recomputed;
+- the loss: ftl's label-only loss works in chunks (launcher/loss.py), other models get full logits;
+- framework overhead: the CUDA context, or on CPU the interpreter and libraries, and the allocator's slack.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from launcher.config import Config
+from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
+
+GIB = 2**30
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}
+CUDA_OVERHEAD, CPU_OVERHEAD, SLACK = 0.75 * GIB, 0.45 * GIB, 0.10
+GPU_MEMORY_GIB = {  # usable memory per device, by name substring
+    "H200": 141,
+    "H100": 80,
+    "A100-40": 40,
+    "A100": 80,
+    "L40S": 48,
+    "L4": 24,
+    "A10G": 24,
+    "A10": 24,
+    "RTX 4090": 24,
+    "RTX 3090": 24,
+    "V100": 32,
+    "T4": 16,
+}
+
+
+@dataclass
+class Shape:
+    """What the estimate needs from a model's config.json."""
+
+    model_type: str
+    vocab: int
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @property
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each linear layer of one block, by module name."""
+        d, kv = self.hidden, self.hidden * self.kv_heads // self.heads
+        if self.model_type == "gpt_neox":
+            i = self.intermediate
+            return {"query_key_value": (d, 3 * d), "dense": (d, d), "dense_h_to_4h": (d, i), "dense_4h_to_h": (i, d)}
+        i = self.intermediate
+        attn = {"q_proj": (d, d), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (d, d)}
+        return attn | {"gate_proj": (d, i), "up_proj": (d, i), "down_proj": (i, d)}
+
+
+def read_shape(model_path: str) -> Shape:
+    """The model's shape from its config.json."""
+    c = json.loads((Path(model_path) / "config.json").read_text())
+    heads = c.get("num_attention_heads", 1)
+    return Shape(
+        model_type=c.get("model_type", ""),
+        vocab=c["vocab_size"],
+        hidden=c["hidden_size"],
+        layers=c["num_hidden_layers"],
+        intermediate=c.get("intermediate_size", 4 * c["hidden_size"]),
+        heads=heads,
+        kv_heads=c.get("num_key_value_heads") or heads,
+        tied=bool(c.get("tie_word_embeddings", c.get("model_type") != "gpt_neox")),
+    )
+
+
+def _targets(cfg: Config, shape: Shape) -> list[tuple[int, int]]:
+    targets = cfg.method.lora.target_modules
+    linears = shape.linears
+    if targets == "all-linear":
+        return list(linears.values())
+    return [io for name, io in linears.items() if any(name.endswith(t) for t in targets)]
+
+
+def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
+    """Unsharded weights, trainable elements and their gradient/optimizer bytes."""
+    kind, dtype = cfg.method.kind, DTYPE_BYTES[cfg.model.dtype]
+    block = sum(i * o for i, o in shape.linears.values())
+    linear = shape.layers * block
+    other = shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden
+    adapters = shape.layers * cfg.method.lora.r * sum(i + o for i, o in _targets(cfg, shape))
+    if kind == "qlora":
+        per = 0.5 + (1 / 64 if cfg.method.qlora.double_quant else 4 / 64)
+        weights = linear * per + other * DTYPE_BYTES[cfg.method.qlora.compute_dtype]
+    else:
+        weights = (linear + other) * dtype
+    trainable = adapters if kind in ("lora", "qlora") else linear + other
+    grad_bytes = 4 if kind in ("lora", "qlora") else dtype
+    weights += adapters * 4 if kind in ("lora", "qlora") else 0
+    return {
+        "weights": weights,
+        "trainable": trainable,
+        "gradients": trainable * grad_bytes,
+        "optimizer": trainable * OPTIMIZER_BYTES[cfg.train.optimizer],
+        "block": block * (0.5 if kind == "qlora" else dtype),
+        "params": linear + other,
+    }
+
+
+def activation_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
+    """Activations of one micro-batch at max_seq_len, and the loss's working set."""
+    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+    act = 2 if cfg.train.precision in ("bf16", "fp16") else 4
+    d, i, kv = shape.hidden, shape.intermediate, shape.hidden * shape.kv_heads // shape.heads
+    per_layer = 9 * d + 3 * kv + 4 * i  # norms, q/k/v (+rotary), attention out, MLP gate/up/act/product
+    if cfg.method.kind in ("lora", "qlora"):
+        targets = _targets(cfg, shape)
+        per_layer += sum(r for r in [cfg.method.lora.r] * len(targets))
+        if cfg.method.lora.dropout > 0:
+            per_layer += sum(i_ for i_, _ in targets)  # the dropped-out copy of each adapted input
+    full = tokens * per_layer * act
+    if cfg.train.gradient_checkpointing:
+        layers = tokens * d * act * shape.layers + full  # every layer's input, one layer recomputed
+    else:
+        layers = full * shape.layers
+    if cfg.data.packing:
+        layers += cfg.train.micro_batch_size * cfg.data.max_seq_len**2 * 4  # the block-diagonal mask
+    if shape.model_type in PLAIN_HEAD_MODELS:
+        loss = min(tokens * shape.vocab, CHUNK_ELEMENTS) * (4 + 4 + act)  # logits, their gradient, a cast
+    else:
+        loss = tokens * shape.vocab * (act + 4 + 4)
+    return {"activations": layers, "loss": loss}
+
+
+def _strategy(cfg: Config, world: int) -> tuple[str, int]:
+    """(family, ZeRO stage) the run will use; `auto` as the trainer resolves it without a launcher."""
+    d = cfg.distributed
+    family = d.strategy if d.strategy != "auto" else ("single" if world == 1 else "ddp")
+    return family, (d.zero_stage or 2) if family == "deepspeed" else 0
+
+
+def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, float]:
+    """Peak bytes per rank by component (offloaded parts count on CPU, where host memory is the memory)."""
+    p, a = parameter_bytes(cfg, shape), activation_bytes(cfg, shape)
+    weights, grads, optim = p["weights"], p["gradients"], p["optimizer"]
+    family, stage = _strategy(cfg, world)
+    offload = cfg.distributed.offload or "none"
+    if family == "fsdp":
+        full_weights = weights
+        weights, grads, optim = weights / world + 2 * p["block"], grads / world, optim / world
+        if not cuda:  # rank 0 loads the whole model into host memory before sharding it
+            weights = max(weights, full_weights)
+        if cfg.distributed.fsdp_cpu_offload and cuda:
+            weights, grads, optim = 2 * p["block"], 0.0, 0.0
+    elif family == "deepspeed":
+        optim /= world
+        grads = grads / world if stage >= 2 else grads
+        weights = weights / world + 2 * p["block"] if stage == 3 else weights
+        if cuda and offload in ("optimizer", "all"):
+            optim = 0.0
+        if cuda and offload in ("params", "all"):
+            weights = 2 * p["block"]
+    elif family == "ddp":
+        grads *= 2  # DDP's gradient buckets hold a second copy
+    parts = {"weights": weights, "gradients": grads, "optimizer state": optim, **a}
+    parts["framework"] = CUDA_OVERHEAD if cuda else CPU_OVERHEAD
+    parts["allocator slack"] = SLACK * sum(parts.values())
+    return parts
+
+
+def checkpoint_bytes(cfg: Config, shape: Shape) -> float:
+    """One checkpoint: the trainable weights (adapters, or the whole model) and their optimizer state."""
+    p = parameter_bytes(cfg, shape)
+    own = p["trainable"] * (4 if cfg.method.kind in ("lora", "qlora") else DTYPE_BYTES[cfg.model.dtype])
+    return own + p["optimizer"]
+
+
+def device_capacity(gpu: str | None, gpu_mem: float | None, world: int) -> tuple[float, str]:
+    """(bytes one rank may use, what that is)."""
+    if gpu_mem is not None:
+        return gpu_mem * GIB, f"{gpu_mem:g} GiB per GPU"
+    if gpu is not None:
+        for key, gib in GPU_MEMORY_GIB.items():
+            if key.lower() in gpu.lower():
+                return gib * GIB, f"{gpu} ({gib} GiB)"
+        raise ValueError(f"--gpu {gpu}: unknown GPU; give --gpu-mem GiB (known: {', '.join(GPU_MEMORY_GIB)})")
+    import psutil
+
+    total = psutil.virtual_memory().total
+    return total / world, f"this machine's memory ({total / GIB:.1f} GiB) shared by {world} rank(s)"
+
+
+def fixes(cfg: Config, shape: Shape, world: int, cuda: bool, capacity: float) -> list[tuple[str, float]]:
+    """Single setting changes that make the run fit, with the total each gives."""
+    t, d = cfg.train, cfg.distributed
+    tries: list[tuple[str, dict]] = []
+    if not t.gradient_checkpointing:
+        tries.append(("train.gradient_checkpointing=true", {"train": {"gradient_checkpointing": True}}))
+    mbs = t.micro_batch_size
+    while mbs > 1:
+        mbs //= 2
+        accum = t.grad_accum * t.micro_batch_size // mbs
+        label = f"train.micro_batch_size={mbs} train.grad_accum={accum}"
+        tries.append((label, {"train": {"micro_batch_size": mbs, "grad_accum": accum}}))
+    if world > 1 and d.strategy != "fsdp":
+        tries.append(("distributed.strategy=fsdp", {"distributed": {"strategy": "fsdp"}}))
+    if world > 1:
+        ds = {"strategy": "deepspeed", "zero_stage": 3}
+        tries.append(("distributed.strategy=deepspeed distributed.zero_stage=3", {"distributed": ds}))
+        if cuda:
+            ds_off = {**ds, "offload": "optimizer"}
+            label = "distributed.strategy=deepspeed distributed.zero_stage=3 distributed.offload=optimizer"
+            tries.append((label, {"distributed": ds_off}))
+    if cfg.method.kind == "full":
+        tries.append(("method.kind=lora", {"method": {"kind": "lora"}}))
+    if cfg.method.kind in ("full", "lora") and cuda:
+        tries.append(("method.kind=qlora", {"method": {"kind": "qlora"}}))
+    found = []
+    for label, change in tries:
+        if "micro_batch_size" in label and any("micro_batch_size" in f for f, _ in found):
+            continue  # the largest micro batch that fits is the one to name
+        trial = cfg.model_copy(deep=True)
+        for section, values in change.items():
+            for key, value in values.items():
+                setattr(getattr(trial, section), key, value)
+        total = sum(breakdown(trial, shape, world, cuda).values())
+        if total <= capacity:
+            found.append((label, total))
+    return found
+
+
+def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float | None) -> tuple[bool, str]:
+    """(fits, the text `ftl estimate` prints)."""
+    shape = read_shape(cfg.model.path)
+    parts = breakdown(cfg, shape, world, cuda)
+    total = sum(parts.values())
+    capacity, where = device_capacity(gpu, gpu_mem, world)
+    family, stage = _strategy(cfg, world)
+    p = parameter_bytes(cfg, shape)
+    lines = [
+        f"model: {shape.model_type}, {p['params'] / 1e6:.1f}M parameters, {p['trainable'] / 1e6:.2f}M trainable "
+        f"({cfg.method.kind}); {family}{f' ZeRO-{stage}' if stage else ''} on {world} rank(s), "
+        f"{'CUDA' if cuda else 'CPU'}; micro batch {cfg.train.micro_batch_size} × {cfg.data.max_seq_len} tokens, "
+        f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
+        "",
+        "| per rank | GiB |",
+        "| --- | --- |",
+        *[f"| {name} | {value / GIB:.2f} |" for name, value in parts.items()],
+        f"| **peak** | **{total / GIB:.2f}** |",
+        "",
+        f"checkpoint: {checkpoint_bytes(cfg, shape) / GIB:.2f} GiB each (× keep_last {cfg.checkpoint.keep_last} + 1)",
+    ]
+    fits = total <= capacity
+    if fits:
+        lines.append(f"fits: {total / GIB:.2f} of {capacity / GIB:.1f} GiB ({where})")
+        return True, "\n".join(lines)
+    lines.append(f"does NOT fit: {total / GIB:.2f} GiB needed, {capacity / GIB:.1f} GiB available ({where})")
+    options = fixes(cfg, shape, world, cuda, capacity)
+    lines += [f"  fits with {label}  ({value / GIB:.2f} GiB)" for label, value in options]
+    if not options:
+        lines.append("  no single setting makes it fit: combine them, or use more ranks")
+    return False, "\n".join(lines)

@@ -1,0 +1,77 @@
+"""`ftl estimate`: parameter arithmetic equal to the real models, sharding divides, suggestions that fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from helpers import ROOT, base_config, ftl, write_config
+from transformers import AutoModelForCausalLM
+
+from launcher.config import Config
+from launcher.estimate import breakdown, parameter_bytes, read_shape
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+def test_parameter_counts_equal_the_real_model(models: dict, toy_data: dict, tmp_path: Path, arch: str) -> None:
+    from peft import LoraConfig, get_peft_model
+
+    cfg = Config.model_validate(base_config(tmp_path, models[arch], toy_data["completion"], method={"kind": "lora"}))
+    counted = parameter_bytes(cfg, read_shape(str(models[arch])))
+    model = AutoModelForCausalLM.from_pretrained(models[arch])
+    real = sum(p.numel() for p in model.parameters())
+    biases = sum(p.numel() for n, p in model.named_parameters() if n.endswith("bias"))
+    assert counted["params"] == real - biases  # biases (GPT-NeoX) are left out: a few hundred elements
+    lora = get_peft_model(model, LoraConfig(r=cfg.method.lora.r, target_modules="all-linear"))
+    assert counted["trainable"] == sum(p.numel() for p in lora.parameters() if p.requires_grad)
+
+
+def test_zero3_and_fsdp_divide_the_model_state_by_the_ranks(models: dict, toy_data: dict, tmp_path: Path) -> None:
+    raw = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "full"})
+    shape = replace(read_shape(str(models["llama"])), layers=32)  # deep enough that one gathered block is small
+    single = breakdown(Config.model_validate(raw), shape, 1, cuda=True)
+    for dist in ({"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3}):
+        sharded = breakdown(Config.model_validate({**raw, "distributed": dist}), shape, 4, cuda=True)
+        for part in ("gradients", "optimizer state"):
+            assert sharded[part] == pytest.approx(single[part] / 4), (dist, part)
+        assert single["weights"] / 4 < sharded["weights"] < single["weights"]  # a quarter + the gathered blocks
+
+
+def test_a_run_that_does_not_fit_gets_fixes_that_do(models: dict, toy_data: dict, tmp_path: Path) -> None:
+    deep = tmp_path / "deep"  # the tiny model said to have 32 layers: estimate reads config.json, no weights
+    shutil.copytree(models["llama"], deep)
+    config = json.loads((deep / "config.json").read_text())
+    (deep / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 32}))
+    cfg = base_config(
+        tmp_path,
+        deep,
+        toy_data["completion"],
+        method={"kind": "full"},
+        data={"max_seq_len": 256},
+        train={"micro_batch_size": 256, "gradient_checkpointing": False},
+    )
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    res = ftl("estimate", str(path), "--gpu-mem", "1.6")
+    assert res.returncode == 1 and "does NOT fit" in res.stdout, res.stdout + res.stderr
+    fixes = [line.split("fits with ")[1].split("  (")[0] for line in res.stdout.splitlines() if "fits with" in line]
+    assert "train.gradient_checkpointing=true" in fixes, res.stdout
+    for fix in fixes:  # each suggestion, applied, really fits
+        again = ftl("estimate", str(path), *fix.split(), "--gpu-mem", "1.6")
+        assert again.returncode == 0 and "fits:" in again.stdout, (fix, again.stdout + again.stderr)
+
+
+def test_estimate_reads_no_weights_and_imports_no_torch(models: dict, toy_data: dict, tmp_path: Path) -> None:
+    path = write_config(tmp_path / "cfg.yaml", base_config(tmp_path, models["llama"], toy_data["completion"]))
+    code = (
+        "import sys; from launcher.cli import main; code = main(['estimate', sys.argv[1], '--gpu', 'H100']); "
+        "heavy = [m for m in ('torch', 'deepspeed', 'safetensors') if m in sys.modules]; "
+        "assert code == 0 and not heavy, (code, heavy)"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| **peak** |" in res.stdout and "fits:" in res.stdout and "H100 (80 GiB)" in res.stdout
