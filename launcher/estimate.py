@@ -21,6 +21,7 @@ from pathlib import Path
 
 from launcher.config import Config
 from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
+from launcher.strategies.traits import traits
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -142,36 +143,35 @@ def activation_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
 
 
 def _strategy(cfg: Config, world: int) -> tuple[str, int]:
-    """(family, ZeRO stage) the run will use; `auto` as the trainer resolves it without a launcher."""
+    """(strategy, ZeRO stage) the run will use; `auto` as the trainer resolves it without a launcher."""
     d = cfg.distributed
-    family = d.strategy if d.strategy != "auto" else ("single" if world == 1 else "ddp")
-    return family, (d.zero_stage or 2) if family == "deepspeed" else 0
+    name = d.strategy if d.strategy != "auto" else ("single" if world == 1 else "ddp")
+    staged = len(traits(name).sharded) > 1
+    return name, (d.zero_stage or 2) if staged else 0
 
 
 def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, float]:
     """Peak bytes per rank by component (offloaded parts count on CPU, where host memory is the memory)."""
     p, a = parameter_bytes(cfg, shape), activation_bytes(cfg, shape)
-    weights, grads, optim = p["weights"], p["gradients"], p["optimizer"]
-    family, stage = _strategy(cfg, world)
+    name, stage = _strategy(cfg, world)
+    declared = traits(name)
+    split = declared.sharded_state(stage)
+    state = {"weights": p["weights"], "gradients": p["gradients"] * declared.gradient_copies}
+    state["optimizer"] = p["optimizer"]
+    for part in split:
+        state[part] /= world
+    if "weights" in split:
+        state["weights"] += 2 * p["block"]  # the block being computed and the one prefetched, gathered
+        if declared.whole_model_on_rank0 and not cuda:
+            state["weights"] = max(state["weights"], p["weights"])
     offload = cfg.distributed.offload or "none"
-    if family == "fsdp":
-        full_weights = weights
-        weights, grads, optim = weights / world + 2 * p["block"], grads / world, optim / world
-        if not cuda:  # rank 0 loads the whole model into host memory before sharding it
-            weights = max(weights, full_weights)
-        if cfg.distributed.fsdp_cpu_offload and cuda:
-            weights, grads, optim = 2 * p["block"], 0.0, 0.0
-    elif family == "deepspeed":
-        optim /= world
-        grads = grads / world if stage >= 2 else grads
-        weights = weights / world + 2 * p["block"] if stage == 3 else weights
-        if cuda and offload in ("optimizer", "all"):
-            optim = 0.0
-        if cuda and offload in ("params", "all"):
-            weights = 2 * p["block"]
-    elif family == "ddp":
-        grads *= 2  # DDP's gradient buckets hold a second copy
-    parts = {"weights": weights, "gradients": grads, "optimizer state": optim, **a}
+    if cuda and (cfg.distributed.fsdp_cpu_offload or offload in ("optimizer", "all")):
+        state["optimizer"] = 0.0
+    if cuda and cfg.distributed.fsdp_cpu_offload:
+        state["gradients"] = 0.0
+    if cuda and (cfg.distributed.fsdp_cpu_offload or offload in ("params", "all")):
+        state["weights"] = 2 * p["block"]
+    parts = {"weights": state["weights"], "gradients": state["gradients"], "optimizer state": state["optimizer"], **a}
     parts["framework"] = CUDA_OVERHEAD if cuda else CPU_OVERHEAD
     parts["allocator slack"] = SLACK * sum(parts.values())
     return parts

@@ -1,11 +1,11 @@
 """What each strategy is, declared once: its checkpoint family and format, whether loading that format
 unpickles, how its weights are read offline, and what it cannot do without CUDA. config.py, checkpoint.py
-and export.py ask here instead of matching strategy names. Torch-free, so `ftl validate` stays fast."""
+export.py and estimate.py ask here instead of matching strategy names. Torch-free, so `ftl validate` stays fast."""
 
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,14 @@ class StrategyTraits:
     skips_steps: bool  # a step's update can be dropped (train.nonfinite: skip)
     fp32_master_copy: bool  # its checkpoints also hold an fp32 copy of the trained weights
     weights_reader: str  # module whose `read_checkpoint_weights(model_dir)` consolidates weights offline
+    # what is split across ranks ("weights", "gradients", "optimizer"), by ZeRO stage (one entry: no stages)
+    sharded: tuple[tuple[str, ...], ...] = ((),)
+    gradient_copies: int = 1  # DDP's gradient buckets hold a second copy
+    whole_model_on_rank0: bool = False  # rank 0 loads every weight into host memory before sharding
+
+    def sharded_state(self, stage: int) -> tuple[str, ...]:
+        """What this strategy splits across ranks at this ZeRO stage (ignored where there are no stages)."""
+        return self.sharded[min(stage, len(self.sharded) - 1)]
 
     def read_weights(self, model_dir: Path) -> dict[str, Any]:
         """The trained tensors of a checkpoint's model/ directory, consolidated on CPU in one process."""
@@ -38,7 +46,7 @@ _TORCH = StrategyTraits(
 )
 TRAITS = {
     "single": _TORCH,
-    "ddp": _TORCH,
+    "ddp": replace(_TORCH, gradient_copies=2),
     "fsdp": StrategyTraits(
         family="fsdp",
         format="FSDP (torch.distributed.checkpoint)",
@@ -47,6 +55,8 @@ TRAITS = {
         skips_steps=True,
         fp32_master_copy=False,
         weights_reader="launcher.strategies.fsdp",
+        sharded=(("weights", "gradients", "optimizer"),),
+        whole_model_on_rank0=True,
     ),
     "deepspeed": StrategyTraits(
         family="deepspeed",
@@ -56,6 +66,7 @@ TRAITS = {
         skips_steps=False,
         fp32_master_copy=True,
         weights_reader="launcher.strategies.deepspeed",
+        sharded=((), ("optimizer",), ("optimizer", "gradients"), ("optimizer", "gradients", "weights")),
     ),
 }
 
