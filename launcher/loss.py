@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from launcher import loss_models
+from launcher.data.formats import IGNORE
 
-IGNORE = -100
 _LABELS: ContextVar[torch.Tensor | None] = ContextVar("ftl_labels", default=None)
 
 

@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from launcher.model import param_numel
+
 # dense bf16 TFLOP/s per device (vendor datasheets; SXM parts where two exist), matched by substring
 CUDA_PEAK_TFLOPS = {
     "H200": 989.0,
@@ -43,13 +45,6 @@ CUDA_PEAK_TFLOPS = {
 }
 
 
-def _numel(p: torch.Tensor) -> int:
-    quant_state = getattr(p, "quant_state", None)  # 4-bit: the elements the packed bytes stand for
-    if quant_state is not None:
-        return int(torch.Size(quant_state.shape).numel())
-    return int(getattr(p, "ds_numel", p.numel()))  # ZeRO-3 partitions: ds_numel is the full size
-
-
 def flops_per_token(model: nn.Module, context: float, label_fraction: float) -> float:
     """Training FLOPs per token of this (unwrapped) model; see the module docstring."""
     embed = model.get_input_embeddings()
@@ -61,9 +56,9 @@ def flops_per_token(model: nn.Module, context: float, label_fraction: float) -> 
     for p in model.parameters():
         if id(p) in skip or len(getattr(p, "ds_shape", p.shape)) < 2:
             continue  # embeddings are lookups; norms and biases are negligible
-        total += (6 if p.requires_grad else 4) * _numel(p)
+        total += (6 if p.requires_grad else 4) * param_numel(p)
     if head_w is not None:
-        total += (6 if head_w.requires_grad else 4) * _numel(head_w) * label_fraction
+        total += (6 if head_w.requires_grad else 4) * param_numel(head_w) * label_fraction
     config = model.config
     layers, hidden = getattr(config, "num_hidden_layers", 0), getattr(config, "hidden_size", 0)
     return total + 12 * layers * hidden * context

@@ -126,15 +126,20 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
     return model
 
 
+def param_numel(p: torch.Tensor) -> int:
+    """Elements a parameter stands for: 4-bit weights count their unpacked shape; ZeRO-3 partitions
+    parameters (numel() is 0 there), ds_numel is the full size."""
+    quant_state = getattr(p, "quant_state", None)
+    if quant_state is not None:
+        return int(torch.Size(quant_state.shape).numel())
+    return int(getattr(p, "ds_numel", p.numel()))
+
+
 def param_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; 4-bit weights count the elements they stand for."""
     trainable = total = 0
     for p in model.parameters():
-        quant_state = getattr(p, "quant_state", None)
-        if quant_state is not None:
-            n = int(torch.Size(quant_state.shape).numel())
-        else:  # ZeRO-3 partitions parameters: numel() is 0 there, ds_numel is the full size
-            n = getattr(p, "ds_numel", p.numel())
+        n = param_numel(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
