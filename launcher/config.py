@@ -72,6 +72,11 @@ class DataConfig(_Section):
     format: DataFormat = Field("chat", description="How rows are rendered into tokens.")
     max_seq_len: int = Field(512, ge=8, description="Rows are truncated (or packed) to this many tokens.")
     packing: bool = Field(False, description="Pack samples into full rows (no cross-sample attention).")
+    padding_free: bool = Field(
+        True,
+        description="Unpacked causal rows: concatenate each micro-batch into one row (per-sample positions, "
+        "no cross-sample attention) whenever that computes less than padding it; same loss, no padding work.",
+    )
     mask_prompt: bool = Field(True, description="Only answer tokens carry loss.")
     max_dropped_fraction: float = Field(
         0.05,

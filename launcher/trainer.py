@@ -21,8 +21,9 @@ from torch import nn
 
 from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainState, disk_full
 from launcher.config import Config, ConfigError, strategy_problems
-from launcher.data import DataSplits, GlobalBatchSampler, Samples, collate, label_token_count
+from launcher.data import Collator, DataSplits, GlobalBatchSampler, Samples, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from launcher.launch.allocator import active_allocator
 from launcher.loss import labels_for_head
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
 from launcher.mfu import MfuMeter
@@ -97,7 +98,7 @@ def train_step(
 
 
 @torch.no_grad()
-def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pad_id: int) -> dict[str, float]:
+def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, collate: Collator) -> dict[str, float]:
     """Mean eval loss (and accuracy for classification); every rank runs the same number of batches."""
     model = strategy.model
     model.eval()
@@ -109,7 +110,7 @@ def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, pa
     for c in range(n_chunks):
         start = c * mbs * world + env.rank * mbs
         ids = list(range(start, min(start + mbs, len(samples))))
-        batch = collate(samples, ids or [0], pad_id)
+        batch = collate(samples, ids or [0])
         with strategy.autocast():
             loss, right = loss_sum(model, to_device(batch, env.device))
         if ids:
@@ -129,7 +130,8 @@ def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: Globa
     if env.is_main:
         log(
             f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
-            f"method={cfg.method.kind} device={env.device.type} cpu_threads={torch.get_num_threads()}"
+            f"method={cfg.method.kind} device={env.device.type} cpu_threads={torch.get_num_threads()} "
+            f"host_allocator={active_allocator()}"
         )
         log(f"params: total={total:,} trainable={trainable:,}")
         log(
@@ -210,13 +212,13 @@ def optimizer_step(
     cfg: Config,
     env: DistEnv,
     steps: int,
-    pad_id: int,
+    collate: Collator,
 ) -> dict[str, float]:
     """Run optimizer step `state.step` on this rank's share of its global batch; advance the counters."""
     t0 = time.perf_counter()
     set_lr(strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, steps))
     micro_ids = sampler.micro_batches(state.step, env.rank)
-    micro = [collate(data.train, ids, pad_id) for ids in micro_ids]
+    micro = [collate(data.train, ids) for ids in micro_ids]
     real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
     skip = cfg.train.nonfinite == "skip"
     loss, norm, tokens = train_step(strategy, micro, env, cfg.train.max_grad_norm, real, skip)
@@ -291,13 +293,14 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     describe_start(strategy, cfg, env, sampler, steps)
     check_room(cfg, strategy, env)
     writer = MetricsWriter(cfg, out_dir, steps, state, start_mfu(strategy, data, env)) if env.is_main else None
+    collate = make_collator(cfg, strategy, tokenizer)
     stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()
     first_step = state.step
     if stop.agreed()[0]:  # asked to stop while starting: the state is the checkpoint's, nothing new to save
         return stopped_early(writer, stop, state, out_dir, env, saved=False)
     while state.step < steps:
-        row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, tokenizer.pad_token_id)
+        row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, collate)
         check_finite(cfg, state, sampler, ckpt)
         if row["step"] == first_step + 1:
             describe_sharding(strategy, env)
@@ -306,7 +309,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
                 row["sample_ids"] = sampler.global_ids(state.step - 1).tolist()
             writer.write(row)
         if data.eval is not None and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
-            metrics = evaluate(strategy, data.eval, cfg, env, tokenizer.pad_token_id)
+            metrics = evaluate(strategy, data.eval, cfg, env, collate)
             if writer:
                 writer.write({"step": state.step, **metrics})
         stopping, save_by_time = stop.agreed(ckpt.due_by_time())
@@ -324,6 +327,12 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         log(f"done: {state.step} steps; artifacts in {final}")
     barrier(env)  # no rank exits before rank 0 has recorded how the run ended
     return EXIT_OK
+
+
+def make_collator(cfg: Config, strategy: Strategy, tokenizer: Any) -> Collator:
+    """Padding-free concatenation needs the model's width for its cost model; off when it is not known."""
+    width = getattr(strategy.unwrapped.config, "hidden_size", 0) if cfg.data.padding_free else 0
+    return Collator(tokenizer.pad_token_id, int(width or 0))
 
 
 def start_mfu(strategy: Strategy, data: DataSplits, env: DistEnv) -> MfuMeter:

@@ -86,13 +86,20 @@ def run_measured(args: list[str], out: Path) -> dict[str, float]:
 
 
 def run_ftl(
-    model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool, checkpointing: bool = True
+    model: Path, data: Path, out: Path, steps: int, batch: int, mode: str, checkpointing: bool
 ) -> dict[str, float]:
+    """mode: padding-free (ftl's default for unpacked rows), padding (padding_free off) or packing."""
     cfg = {
         "output_dir": str(out),
         "model": {"path": str(model)},
         "method": {"kind": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
-        "data": {"train": str(data), "format": "chat", "max_seq_len": 256, "packing": packing},
+        "data": {
+            "train": str(data),
+            "format": "chat",
+            "max_seq_len": 256,
+            "packing": mode == "packing",
+            "padding_free": mode == "padding-free",
+        },
         "train": {
             "max_steps": steps,
             "micro_batch_size": batch,
@@ -119,11 +126,13 @@ def run_trl(model: Path, data: Path, out: Path, steps: int, batch: int, packing:
     return got
 
 
-# (who, batching, gradient checkpointing); both default to checkpointing on
+# (who, batching, gradient checkpointing); both default to checkpointing on; ftl's default for unpacked
+# rows is padding-free, TRL's is padding
 VARIANTS = [
     ("TRL", "padding", True),
+    ("ftl", "padding-free", True),
     ("ftl", "padding", True),
-    ("ftl", "padding", False),
+    ("ftl", "padding-free", False),
     ("TRL", "packing", True),
     ("ftl", "packing", True),
     ("ftl", "packing", False),
@@ -137,25 +146,32 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="run only the variants whose label contains this (e.g. padding)")
     args = ap.parse_args()
+    variants = [v for v in VARIANTS if args.only in label(v)]
     if args.model is None:
         from demo_model import ensure_model
 
         args.model = ensure_model()[0]
-    results: dict[tuple[str, str, bool], list[dict[str, float]]] = {v: [] for v in VARIANTS}
+    results: dict[tuple[str, str, bool], list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="ftl-bench-") as tmp:
         data = Path(tmp) / "chat.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.rows, 2, 40)))
         for r in range(args.repeats):
-            for who, mode, gc in VARIANTS:
-                out, packing = Path(tmp) / f"{who}-{mode}-{gc}-{r}", mode == "packing"
+            for who, mode, gc in variants:
+                out = Path(tmp) / f"{who}-{mode}-{gc}-{r}"
                 if who == "ftl":
-                    got = run_ftl(args.model, data, out, args.steps, args.batch, packing, gc)
+                    got = run_ftl(args.model, data, out, args.steps, args.batch, mode, gc)
                 else:
-                    got = run_trl(args.model, data, out, args.steps, args.batch, packing)
+                    got = run_trl(args.model, data, out, args.steps, args.batch, mode == "packing")
                 results[(who, mode, gc)].append(got)
                 print(f"repeat {r} {who} {mode} checkpointing={gc}: {got}", file=sys.stderr, flush=True)
     print_table(results, args)
+
+
+def label(variant: tuple[str, str, bool]) -> str:
+    who, mode, gc = variant
+    return f"{who}, {mode}" + ("" if gc else ", no checkpointing")
 
 
 def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -173,13 +189,13 @@ def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], ar
     )
     print("| run | useful tokens/s | vs TRL | peak RSS GB | vs TRL | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for v in VARIANTS:
-        who, mode, gc = v
-        peer = ("TRL", mode, True)
+    for v in results:
+        peer = ("TRL", "packing" if v[1] == "packing" else "padding", True)
+        if peer not in results:
+            results[peer] = [{"tokens_per_s": float("nan"), "rss_gb": float("nan")}]
         tps, rss = med(v, "tokens_per_s"), med(v, "rss_gb")
-        label = f"{who}, {mode}" + ("" if gc else ", no checkpointing")
         print(
-            f"| {label} | {tps:.1f} ({spread(v, 'tokens_per_s', '.1f')}) | "
+            f"| {label(v)} | {tps:.1f} ({spread(v, 'tokens_per_s', '.1f')}) | "
             f"{tps / med(peer, 'tokens_per_s'):.2f}× | {rss:.2f} ({spread(v, 'rss_gb', '.2f')}) | "
             f"{rss / med(peer, 'rss_gb'):.2f}× | {med(v, 'wall_s'):.0f} |"
         )

@@ -11,7 +11,8 @@ from helpers import base_config, reverse_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launcher.config import Config, ConfigError
-from launcher.data import GlobalBatchSampler, collate, read_splits, tokenize_split
+from launcher.data import Collator, GlobalBatchSampler, collate, read_splits, tokenize_split
+from launcher.data.batches import concat_is_cheaper
 from launcher.data.formats import IGNORE
 from launcher.data.tokenized import pack, tokenize_rows
 from launcher.trainer import loss_sum
@@ -114,6 +115,34 @@ def test_packing_without_the_block_mask_would_leak(models: dict) -> None:
         sealed, _ = loss_sum(model, batch)
         leaked, _ = loss_sum(model, leaky)
     assert not torch.allclose(sealed, leaked, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
+def test_padding_free_batch_has_the_padded_loss_and_gradients(models: dict, arch: str) -> None:
+    tok = AutoTokenizer.from_pretrained(models[arch])
+    model = AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation="sdpa")
+    samples = tokenize_rows(reverse_rows(6, seed=2, lo=1, hi=12), "completion", tok, 64, mask_prompt=True)
+    ids = list(range(len(samples)))
+    padded = collate(samples, ids, tok.pad_token_id)
+    flat = Collator(tok.pad_token_id, padding_free_width=model.config.hidden_size)(samples, ids)
+    total = sum(len(x) for x in samples.input_ids)
+    assert flat["input_ids"].shape == (1, total) < padded["input_ids"].shape  # one row, no padding
+    results = []
+    for batch in (padded, flat):
+        model.zero_grad()
+        loss, _ = loss_sum(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_p, grads_p), (loss_f, grads_f) = results
+    assert torch.allclose(loss_p, loss_f, rtol=1e-5), (loss_p, loss_f)
+    for gp, gf in zip(grads_p, grads_f):  # equal up to fp32 summation order
+        assert (gp - gf).abs().max() <= 1e-5 * gp.abs().max()
+
+
+def test_padding_free_only_where_it_computes_less() -> None:
+    assert concat_is_cheaper([10, 60, 20, 5], width=576)  # short ragged rows: padding dominates
+    assert not concat_is_cheaper([4000, 4096, 3900, 4050], width=576)  # long even rows: T² attention dominates
+    assert not concat_is_cheaper([64, 64, 64, 64], width=576)  # nothing to save
 
 
 def test_global_batch_is_the_same_for_any_world_size_and_accumulation() -> None:

@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from launcher.config import load_config
 from launcher.data import collate
 from launcher.data.tokenized import tokenize_rows
+from launcher.launch.allocator import find_tcmalloc
 from launcher.trainer import loss_sum
 
 
@@ -242,3 +243,14 @@ def test_gradient_clipping_bounds_the_update(tmp_path: Path, models: dict, toy_d
     update = torch.sqrt(sum(((after[k] - before[k]) ** 2).sum() for k in before))
     assert 0.5e-4 < float(update) <= 1.001e-4
     assert read_metrics(run)[0]["grad_norm"] > 1e-2  # the norm before clipping was far larger
+
+
+@pytest.mark.skipif(find_tcmalloc() is None, reason="libtcmalloc-minimal4 is not installed (CI installs it)")
+def test_training_runs_under_tcmalloc_unless_opted_out(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """The allocator named in the log is read from the process's memory map: it is the one really loaded."""
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], train={"max_steps": 1})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    res = ftl("train", str(path))
+    assert res.returncode == 0 and "host_allocator=tcmalloc" in res.stderr, res.stderr[-3000:]
+    res = ftl("train", str(path), "output_dir=" + str(tmp_path / "glibc"), env={"FTL_ALLOCATOR": "system"})
+    assert res.returncode == 0 and "host_allocator=glibc malloc" in res.stderr, res.stderr[-3000:]

@@ -146,13 +146,24 @@ def pack(samples: Samples, max_len: int, seed: int) -> Samples:
             lengths.append(0)
         rows[-1].append(int(i))
         lengths[-1] += n
-    out = Samples(input_ids=[], labels=[], position_ids=[], seq_ids=[], dropped=samples.dropped)
-    for members in rows:
-        labs = [samples.labels[i].copy() for i in members]
-        for lab in labs:
-            lab[0] = IGNORE
-        out.input_ids.append(np.concatenate([samples.input_ids[i] for i in members]))
-        out.labels.append(np.concatenate(labs))
-        out.position_ids.append(np.concatenate([np.arange(len(samples.input_ids[i])) for i in members]))
-        out.seq_ids.append(np.concatenate([np.full(len(samples.input_ids[i]), k) for k, i in enumerate(members)]))
-    return out
+    joined = [concatenated(samples, members) for members in rows]
+    return Samples(
+        input_ids=[j.input_ids[0] for j in joined],
+        labels=[j.labels[0] for j in joined],
+        position_ids=[j.position_ids[0] for j in joined],
+        seq_ids=[j.seq_ids[0] for j in joined],
+        dropped=samples.dropped,
+    )
+
+
+def concatenated(samples: Samples, ids: list[int]) -> Samples:
+    """The chosen samples as one packed row (first label of each masked, as in `pack`)."""
+    labels = [samples.labels[i].copy() for i in ids]
+    for lab in labels:
+        lab[0] = IGNORE
+    return Samples(
+        input_ids=[np.concatenate([samples.input_ids[i] for i in ids])],
+        labels=[np.concatenate(labels)],
+        position_ids=[np.concatenate([np.arange(len(samples.input_ids[i])) for i in ids])],
+        seq_ids=[np.concatenate([np.full(len(samples.input_ids[i]), k) for k, i in enumerate(ids)])],
+    )
