@@ -112,8 +112,10 @@ class TrainConfig(_Section):
         "non-finite is saved) or skip (no update for that step, counted; not under DeepSpeed).",
     )
     max_skipped_steps: int = Field(10, ge=1, description="skip: abort after this many skipped steps in a row.")
-    gradient_checkpointing: bool = Field(
-        True, description="Recompute activations in backward (non-reentrant): far less memory, ~25% more compute."
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto",
+        description="Recompute activations in backward (non-reentrant): far less memory, 25–40% more compute. "
+        "auto: on only when the estimated peak without it (`ftl estimate`) exceeds half the device's memory.",
     )
     eval_every: int = Field(0, ge=0, description="Evaluate every N steps (0: only at the end).")
     eval_batches: int | None = Field(None, ge=1, description="Cap on eval batches per evaluation.")

@@ -27,6 +27,7 @@ GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}
 CUDA_OVERHEAD, CPU_OVERHEAD, SLACK = 0.75 * GIB, 0.45 * GIB, 0.10
+AUTO_CHECKPOINTING_SHARE = 0.5  # the estimate errs by up to ~half on CPU-only costs: keep that much margin
 GPU_MEMORY_GIB = {  # usable memory per device, by name substring
     "H200": 141,
     "H100": 80,
@@ -238,12 +239,33 @@ def fixes(cfg: Config, shape: Shape, world: int, cuda: bool, capacity: float) ->
     return found
 
 
+def resolve_checkpointing(cfg: Config, world: int, cuda: bool, capacity: float) -> tuple[Config, str]:
+    """`gradient_checkpointing: auto` made a bool: off when the estimated per-rank peak without it is at most
+    AUTO_CHECKPOINTING_SHARE of the device's memory (recomputing costs 25–40% of the time), else on.
+    Returns the config to run and a line saying what was chosen and why ("" when it was not `auto`)."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return cfg, ""
+    out = cfg.model_copy(deep=True)
+    out.train.gradient_checkpointing = False
+    try:
+        need = sum(breakdown(out, read_shape(cfg.model.path), world, cuda).values())
+    except (OSError, KeyError, ValueError):  # no readable config.json: be safe
+        out.train.gradient_checkpointing = True
+        return out, "gradient checkpointing auto -> on (the model's size is unknown)"
+    out.train.gradient_checkpointing = need > AUTO_CHECKPOINTING_SHARE * capacity
+    return out, (
+        f"gradient checkpointing auto -> {'on' if out.train.gradient_checkpointing else 'off'} (estimated peak "
+        f"without it {need / GIB:.2f} GiB per rank; {capacity / GIB:.1f} GiB of memory per rank)"
+    )
+
+
 def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float | None) -> tuple[bool, str]:
     """(fits, the text `ftl estimate` prints)."""
+    capacity, where = device_capacity(gpu, gpu_mem, world)
+    cfg, auto_note = resolve_checkpointing(cfg, world, cuda, capacity)
     shape = read_shape(cfg.model.path)
     parts = breakdown(cfg, shape, world, cuda)
     total = sum(parts.values())
-    capacity, where = device_capacity(gpu, gpu_mem, world)
     family, stage = _strategy(cfg, world)
     p = parameter_bytes(cfg, shape)
     lines = [
@@ -251,6 +273,7 @@ def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float 
         f"({cfg.method.kind}); {family}{f' ZeRO-{stage}' if stage else ''} on {world} rank(s), "
         f"{'CUDA' if cuda else 'CPU'}; micro batch {cfg.train.micro_batch_size} × {cfg.data.max_seq_len} tokens, "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
+        *([auto_note] if auto_note else []),
         "",
         "| per rank | GiB |",
         "| --- | --- |",

@@ -91,7 +91,7 @@ def build_model(cfg: Config, device: torch.device, quant_storage: torch.dtype | 
     kind = cfg.method.kind
     torch.manual_seed(cfg.train.seed)  # new heads and LoRA init are seeded
     model = load_base_model(cfg, quantize=kind == "qlora", device=device, quant_storage=quant_storage)
-    gc = cfg.train.gradient_checkpointing
+    gc = cfg.train.gradient_checkpointing is True  # `auto` is resolved before training (run_start); export: off
     if kind == "qlora":
         from peft import prepare_model_for_kbit_training
 
@@ -105,7 +105,7 @@ def build_model(cfg: Config, device: torch.device, quant_storage: torch.dtype | 
 def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = False) -> nn.Module:
     """Gradient checkpointing, LoRA adapters (in fp32) and no KV cache: the same on real or meta weights."""
     kind = cfg.method.kind
-    if cfg.train.gradient_checkpointing and not checkpointing_done:
+    if cfg.train.gradient_checkpointing is True and not checkpointing_done:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if kind == "lora":
             model.enable_input_require_grads()

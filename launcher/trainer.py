@@ -23,13 +23,19 @@ from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainSt
 from launcher.config import Config, ConfigError, strategy_problems
 from launcher.data import Collator, DataSplits, GlobalBatchSampler, Samples, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from launcher.launch.allocator import active_allocator
 from launcher.loss import labels_for_head
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
-from launcher.mfu import MfuMeter
-from launcher.model import load_tokenizer, param_counts
+from launcher.model import load_tokenizer
 from launcher.optim import build_optimizer, lr_factor, set_lr
 from launcher.prepare import prepare_data, prepare_output_dir
+from launcher.run_start import (
+    check_room,
+    decide_checkpointing,
+    describe_sharding,
+    describe_start,
+    make_collator,
+    start_mfu,
+)
 from launcher.stop import EXIT_STOPPED, StopRequest
 from launcher.strategies import make_strategy
 from launcher.strategies.base import Strategy
@@ -123,42 +129,6 @@ def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, co
     if samples.class_labels is not None:
         out["eval_accuracy"] = correct / max(count, 1)
     return out
-
-
-def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler, steps: int) -> None:
-    trainable, total = param_counts(strategy.unwrapped)
-    if env.is_main:
-        log(
-            f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
-            f"method={cfg.method.kind} device={env.device.type} cpu_threads={torch.get_num_threads()} "
-            f"host_allocator={active_allocator()}"
-        )
-        log(f"params: total={total:,} trainable={trainable:,}")
-        log(
-            f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
-            f"{env.world_size} ranks = {sampler.global_batch} samples; {sampler.steps_per_epoch} steps/epoch; "
-            f"{steps} steps"
-        )
-
-
-def check_room(cfg: Config, strategy: Strategy, env: DistEnv) -> None:
-    """`ftl check`'s cheap parts before the first step: W&B can log (else exit 2); the disk has room for the
-    checkpoints and final model (an estimate: a warning)."""
-    from launcher.preflight import disk_problems, wandb_problems
-
-    problems = wandb_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-    if env.is_main:
-        for problem in disk_problems(cfg, *param_counts(strategy.unwrapped)):
-            log(f"warning: {problem}")
-
-
-def describe_sharding(strategy: Strategy, env: DistEnv) -> None:
-    """After the first step (optimizer state exists then): what rank 0 holds locally."""
-    local_params, local_state = strategy.local_numel()
-    if env.is_main:
-        log(f"held on rank 0: params={local_params:,} optimizer state={local_state:,} (of {env.world_size} rank(s))")
 
 
 def run_training(cfg: Config) -> int:
@@ -278,6 +248,7 @@ def check_finite(cfg: Config, state: TrainState, sampler: GlobalBatchSampler, ck
 
 
 def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:
+    cfg = decide_checkpointing(cfg, env)
     t = cfg.train
     strategy = make_strategy(cfg, env)
     problems = strategy_problems(cfg, strategy.name, env.device.type == "cuda")  # `auto` is resolved now
@@ -327,18 +298,6 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         log(f"done: {state.step} steps; artifacts in {final}")
     barrier(env)  # no rank exits before rank 0 has recorded how the run ended
     return EXIT_OK
-
-
-def make_collator(cfg: Config, strategy: Strategy, tokenizer: Any) -> Collator:
-    """Padding-free concatenation needs the model's width for its cost model; off when it is not known."""
-    width = getattr(strategy.unwrapped.config, "hidden_size", 0) if cfg.data.padding_free else 0
-    return Collator(tokenizer.pad_token_id, int(width or 0))
-
-
-def start_mfu(strategy: Strategy, data: DataSplits, env: DistEnv) -> MfuMeter:
-    """The meter for the `mfu` column (rank 0; the CPU peak is measured once per machine, then cached)."""
-    train = data.train
-    return MfuMeter(strategy.unwrapped, train.mean_length, train.label_fraction, env.device, env.world_size)
 
 
 def finished_before(out_dir: Path, steps: int, env: DistEnv) -> bool:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -67,11 +68,11 @@ print(json.dumps({"tokens_per_s": speed.speeds}))
 """
 
 
-def run_measured(args: list[str], out: Path) -> dict[str, float]:
+def run_measured(args: list[str], out: Path, env: dict[str, str] | None = None) -> dict[str, float]:
     """Run a process, sampling the RSS of its whole tree every 50 ms; returns peak RSS (GB) and wall (s)."""
     t0, peak = time.perf_counter(), 0
     with (out.parent / f"{out.name}.log").open("w") as log:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
@@ -114,28 +115,36 @@ def run_ftl(
     got = run_measured([sys.executable, "-m", "launcher", "train", str(path)], out)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     got["tokens_per_s"] = statistics.median([r["tokens_per_s"] for r in rows if "loss" in r][1:])
+    got["checkpointing"] = float("gradient_checkpointing=on" in (out.parent / f"{out.name}.log").read_text())
     return got
 
 
-def run_trl(model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool) -> dict[str, float]:
+def run_trl(
+    model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool, tcmalloc: bool = False
+) -> dict[str, float]:
     argv = [str(model), str(data), str(steps), str(batch), "1" if packing else "0", str(out)]
-    got = run_measured([sys.executable, "-c", TRL_RUN, *argv], out)
+    env = None
+    if tcmalloc:  # the peer given the same allocator ftl picks for itself (launcher/launch/allocator.py)
+        from launcher.launch.allocator import find_tcmalloc
+
+        env = dict(os.environ, LD_PRELOAD=find_tcmalloc() or "")
+    got = run_measured([sys.executable, "-c", TRL_RUN, *argv], out, env)
     log = (out.parent / f"{out.name}.log").read_text().splitlines()
     speeds = json.loads(next(x for x in reversed(log) if x.startswith('{"tokens_per_s"')))["tokens_per_s"]
     got["tokens_per_s"] = statistics.median(speeds[1:])
     return got
 
 
-# (who, batching, gradient checkpointing); both default to checkpointing on; ftl's default for unpacked
-# rows is padding-free, TRL's is padding
-VARIANTS = [
+# (who, batching, gradient checkpointing). TRL checkpoints by default; ftl decides (`auto`: off when the
+# estimated peak without it takes at most half the memory) and batches unpacked rows padding-free.
+VARIANTS: list[tuple[str, str, bool | str]] = [
     ("TRL", "padding", True),
+    ("TRL + tcmalloc", "padding", True),
+    ("ftl", "padding-free", "auto"),
     ("ftl", "padding-free", True),
-    ("ftl", "padding", True),
-    ("ftl", "padding-free", False),
     ("TRL", "packing", True),
+    ("ftl", "packing", "auto"),
     ("ftl", "packing", True),
-    ("ftl", "packing", False),
 ]
 
 
@@ -163,15 +172,19 @@ def main() -> None:
                 if who == "ftl":
                     got = run_ftl(args.model, data, out, args.steps, args.batch, mode, gc)
                 else:
-                    got = run_trl(args.model, data, out, args.steps, args.batch, mode == "packing")
+                    got = run_trl(args.model, data, out, args.steps, args.batch, mode == "packing", "tcmalloc" in who)
                 results[(who, mode, gc)].append(got)
                 print(f"repeat {r} {who} {mode} checkpointing={gc}: {got}", file=sys.stderr, flush=True)
     print_table(results, args)
 
 
-def label(variant: tuple[str, str, bool]) -> str:
+def label(variant: tuple[str, str, bool | str], chose: float | None = None) -> str:
     who, mode, gc = variant
-    return f"{who}, {mode}" + ("" if gc else ", no checkpointing")
+    if gc == "auto":
+        how = "auto (default)" if chose is None else f"auto → {'on' if chose else 'off'} (default)"
+    else:
+        how = "on" if gc else "off"
+    return f"{who}, {mode}, checkpointing {how}"
 
 
 def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], args: argparse.Namespace) -> None:
@@ -195,7 +208,7 @@ def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], ar
             results[peer] = [{"tokens_per_s": float("nan"), "rss_gb": float("nan")}]
         tps, rss = med(v, "tokens_per_s"), med(v, "rss_gb")
         print(
-            f"| {label(v)} | {tps:.1f} ({spread(v, 'tokens_per_s', '.1f')}) | "
+            f"| {label(v, results[v][0].get('checkpointing'))} | {tps:.1f} ({spread(v, 'tokens_per_s', '.1f')}) | "
             f"{tps / med(peer, 'tokens_per_s'):.2f}× | {rss:.2f} ({spread(v, 'rss_gb', '.2f')}) | "
             f"{rss / med(peer, 'rss_gb'):.2f}× | {med(v, 'wall_s'):.0f} |"
         )

@@ -65,6 +65,19 @@ def test_a_run_that_does_not_fit_gets_fixes_that_do(models: dict, toy_data: dict
         assert again.returncode == 0 and "fits:" in again.stdout, (fix, again.stdout + again.stderr)
 
 
+def test_auto_checkpointing_is_on_only_when_memory_is_short(models: dict, toy_data: dict, tmp_path: Path) -> None:
+    raw = base_config(
+        tmp_path, models["llama"], toy_data["completion"], data={"max_seq_len": 256}, train={"micro_batch_size": 64}
+    )
+    path = write_config(tmp_path / "cfg.yaml", raw)
+    roomy = ftl("estimate", str(path), "--gpu-mem", "100")
+    assert "gradient checkpointing auto -> off" in roomy.stdout, roomy.stdout + roomy.stderr
+    peak_without = float(roomy.stdout.split("| **peak** | **")[1].split("**")[0])
+    short = ftl("estimate", str(path), "--gpu-mem", f"{1.5 * peak_without:.2f}")  # fits, but not twice over
+    assert "gradient checkpointing auto -> on" in short.stdout, short.stdout + short.stderr
+    assert float(short.stdout.split("| **peak** | **")[1].split("**")[0]) < peak_without
+
+
 def test_estimate_reads_no_weights_and_imports_no_torch(models: dict, toy_data: dict, tmp_path: Path) -> None:
     path = write_config(tmp_path / "cfg.yaml", base_config(tmp_path, models["llama"], toy_data["completion"]))
     code = (

@@ -163,8 +163,14 @@ def test_gradient_checkpointing_and_bf16_run(tmp_path: Path, models: dict, toy_d
     cfg = base_config(
         tmp_path, models["llama"], toy_data["completion"], method={"kind": "lora"}, train={"max_steps": 3}
     )
-    plain = _train(tmp_path, cfg, "output_dir=" + str(tmp_path / "plain"))
-    ckpt = _train(tmp_path, cfg, "output_dir=" + str(tmp_path / "gc"), "train.gradient_checkpointing=true")
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    res = ftl("train", str(path), "output_dir=" + str(tmp_path / "plain"))  # auto: a tiny model needs none
+    assert "gradient checkpointing auto -> off" in res.stderr, res.stderr[-3000:]
+    assert "gradient_checkpointing=off" in res.stderr  # read from the model, not from the config
+    plain = tmp_path / "plain"
+    res = ftl("train", str(path), "output_dir=" + str(tmp_path / "gc"), "train.gradient_checkpointing=true")
+    assert "gradient_checkpointing=on" in res.stderr, res.stderr[-3000:]
+    ckpt = tmp_path / "gc"
     assert [r["loss"] for r in read_metrics(ckpt)] == pytest.approx([r["loss"] for r in read_metrics(plain)], rel=1e-5)
     bf16 = _train(
         tmp_path,

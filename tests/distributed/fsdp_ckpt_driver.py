@@ -24,6 +24,7 @@ from launcher.dist import init_distributed, shutdown
 from launcher.model import load_tokenizer
 from launcher.optim import build_optimizer
 from launcher.prepare import prepare_data
+from launcher.run_start import make_collator
 from launcher.strategies import make_strategy
 from launcher.trainer import make_sampler, optimizer_step
 
@@ -45,7 +46,7 @@ def run_phase(config: str, phase: str, work: Path, overrides: list[str]) -> None
         state.step = SAVE_AT
     losses = []
     while state.step < STEPS:
-        row = optimizer_step(strategy, data, sampler, state, cfg, env, STEPS, tokenizer.pad_token_id)
+        row = optimizer_step(strategy, data, sampler, state, cfg, env, STEPS, make_collator(cfg, strategy, tokenizer))
         losses.append(row["loss"])
         if phase == "save" and state.step == SAVE_AT:
             strategy.save_checkpoint(work / "ckpt")

@@ -348,13 +348,15 @@ def test_checkpoints_resume_on_the_same_and_a_smaller_world(runs: dict[str, Path
 
 
 # ----------------------------------------------------------------------------------------- the driver
-def _steps(strategy: Any, data: Any, sampler: Any, cfg: Any, env: Any, pad: int, start: int, stop: int) -> list[float]:
+def _steps(
+    strategy: Any, data: Any, sampler: Any, cfg: Any, env: Any, collate: Any, start: int, stop: int
+) -> list[float]:
     """Losses of optimizer steps start+1..stop (of a 4-step schedule)."""
     from launcher.checkpoint import TrainState
     from launcher.trainer import optimizer_step
 
     state = TrainState(step=start)
-    return [optimizer_step(strategy, data, sampler, state, cfg, env, 4, pad)["loss"] for _ in range(start, stop)]
+    return [optimizer_step(strategy, data, sampler, state, cfg, env, 4, collate)["loss"] for _ in range(start, stop)]
 
 
 def _checkpoint_job(phase: str, config: str) -> None:
@@ -367,6 +369,7 @@ def _checkpoint_job(phase: str, config: str) -> None:
     from launcher.model import load_tokenizer
     from launcher.optim import build_optimizer
     from launcher.prepare import prepare_data
+    from launcher.run_start import make_collator
     from launcher.strategies import make_strategy
     from launcher.trainer import make_sampler
 
@@ -377,7 +380,8 @@ def _checkpoint_job(phase: str, config: str) -> None:
     strategy = make_strategy(cfg, env)
     strategy.setup(strategy.build_model(), functools.partial(build_optimizer, cfg.train))
     strategy.model.train()
-    steps = functools.partial(_steps, strategy, data, make_sampler(cfg, env, data), cfg, env, tokenizer.pad_token_id)
+    collate = make_collator(cfg, strategy, tokenizer)
+    steps = functools.partial(_steps, strategy, data, make_sampler(cfg, env, data), cfg, env, collate)
     run = Path(cfg.output_dir)
     out: dict[str, list[float]] = {}
     if phase == "save":

@@ -1,0 +1,90 @@
+"""What happens once before the first step: decisions taken from the run's shape, and the start-up log lines."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from launcher.config import Config, ConfigError
+from launcher.data import Collator, DataSplits, GlobalBatchSampler
+from launcher.dist import DistEnv, all_reduce_sum
+from launcher.estimate import resolve_checkpointing
+from launcher.launch.allocator import active_allocator
+from launcher.metrics import log
+from launcher.mfu import MfuMeter
+from launcher.model import param_counts
+from launcher.strategies.base import Strategy
+
+
+def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler, steps: int) -> None:
+    trainable, total = param_counts(strategy.unwrapped)
+    if env.is_main:
+        log(
+            f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
+            f"method={cfg.method.kind} device={env.device.type} cpu_threads={torch.get_num_threads()} "
+            f"host_allocator={active_allocator()} "
+            f"gradient_checkpointing={'on' if recomputes(strategy.unwrapped) else 'off'}"
+        )
+        log(f"params: total={total:,} trainable={trainable:,}")
+        log(
+            f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
+            f"{env.world_size} ranks = {sampler.global_batch} samples; {sampler.steps_per_epoch} steps/epoch; "
+            f"{steps} steps"
+        )
+
+
+def check_room(cfg: Config, strategy: Strategy, env: DistEnv) -> None:
+    """`ftl check`'s cheap parts before the first step: W&B can log (else exit 2); the disk has room for the
+    checkpoints and final model (an estimate: a warning)."""
+    from launcher.preflight import disk_problems, wandb_problems
+
+    problems = wandb_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    if env.is_main:
+        for problem in disk_problems(cfg, *param_counts(strategy.unwrapped)):
+            log(f"warning: {problem}")
+
+
+def describe_sharding(strategy: Strategy, env: DistEnv) -> None:
+    """After the first step (optimizer state exists then): what rank 0 holds locally."""
+    local_params, local_state = strategy.local_numel()
+    if env.is_main:
+        log(f"held on rank 0: params={local_params:,} optimizer state={local_state:,} (of {env.world_size} rank(s))")
+
+
+def decide_checkpointing(cfg: Config, env: DistEnv) -> Config:
+    """Resolve `gradient_checkpointing: auto` from the memory estimate; every rank takes the same choice."""
+    if cfg.train.gradient_checkpointing != "auto":
+        return cfg
+    if env.device.type == "cuda":
+        capacity = torch.cuda.get_device_properties(env.device).total_memory
+    else:
+        import psutil
+
+        capacity = psutil.virtual_memory().total / int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+    cfg, note = resolve_checkpointing(cfg, env.world_size, env.device.type == "cuda", capacity)
+    wanted = all_reduce_sum([float(cfg.train.gradient_checkpointing)], env)[0]
+    cfg.train.gradient_checkpointing = wanted > 0  # any rank short of memory: all recompute
+    if env.is_main:
+        log(note)
+    return cfg
+
+
+def make_collator(cfg: Config, strategy: Strategy, tokenizer: Any) -> Collator:
+    """Padding-free concatenation needs the model's width for its cost model; off when it is not known."""
+    width = getattr(strategy.unwrapped.config, "hidden_size", 0) if cfg.data.padding_free else 0
+    return Collator(tokenizer.pad_token_id, int(width or 0))
+
+
+def start_mfu(strategy: Strategy, data: DataSplits, env: DistEnv) -> MfuMeter:
+    """The meter for the `mfu` column (rank 0; the CPU peak is measured once per machine, then cached)."""
+    train = data.train
+    return MfuMeter(strategy.unwrapped, train.mean_length, train.label_fraction, env.device, env.world_size)
+
+
+def recomputes(model: torch.nn.Module) -> bool:
+    """Whether the model really has activation checkpointing on (asked of the model, not the config)."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
