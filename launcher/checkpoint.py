@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from launcher import __version__
-from launcher.config import Config, ConfigError, checkpoint_root
+from launcher.config import Config, ConfigError
+from launcher.config_checks import checkpoint_root
 from launcher.dist import DistEnv, barrier
 from launcher.metrics import log
 from launcher.strategies.base import Strategy

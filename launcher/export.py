@@ -87,7 +87,7 @@ def export_run(run_dir: str, out: str, merge: bool = False, checkpoint: str | No
         raise ConfigError([f"run_dir: {run} has no config.yaml (is it an ftl output_dir?)"])
     cfg = load_config(run / "config.yaml")
     if checkpoint:
-        from launcher.config import checkpoint_root
+        from launcher.config_checks import checkpoint_root
 
         ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else checkpoint_root(cfg) / checkpoint
         with tempfile.TemporaryDirectory() as tmp:

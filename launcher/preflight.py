@@ -14,7 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.config import Config, ConfigError, checkpoint_root
+from launcher.config import Config, ConfigError
+from launcher.config_checks import checkpoint_root
 from launcher.strategies.traits import traits
 
 GiB = 2**30

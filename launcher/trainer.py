@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainState, disk_full
-from launcher.config import Config, ConfigError, strategy_problems
+from launcher.config import Config, ConfigError
+from launcher.config_checks import strategy_problems
 from launcher.data import Collator, DataSplits, GlobalBatchSampler, Samples, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from launcher.loss import labels_for_head

@@ -1,0 +1,130 @@
+"""Config checks across fields, files and strategies: each returns every problem it finds (litgpt-style),
+so `load_config` can raise them all at once."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from launcher.config import Config, QLoraSettings
+
+
+def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
+    """Combinations that are each valid alone but impossible together."""
+    p: list[str] = []
+    if not cfg.model.path:
+        p.append("model.path: required (a local Hugging Face model directory or hub id)")
+    if not cfg.data.train:
+        p.append("data.train: required (a JSONL/JSON/CSV/Parquet file or a list of them)")
+    if cfg.train.max_steps is None and cfg.train.epochs is None:
+        p.append("train.max_steps / train.epochs: set at least one (both are unset)")
+    if not math.log2(cfg.train.fp16_initial_scale).is_integer():
+        p.append(f"train.fp16_initial_scale: {cfg.train.fp16_initial_scale:g} is not a power of two")
+    if cfg.data.packing and cfg.data.format == "classification":
+        p.append("data.packing: cannot pack with data.format=classification (one label per row)")
+    is_cls_task = cfg.model.task == "sequence_classification"
+    if is_cls_task != (cfg.data.format == "classification"):
+        p.append(
+            f"data.format: '{cfg.data.format}' does not fit model.task='{cfg.model.task}' "
+            "(classification data goes with sequence_classification, and only with it)"
+        )
+    if cfg.data.eval and cfg.data.eval_fraction > 0:
+        p.append("data.eval_fraction: set either data.eval or data.eval_fraction, not both")
+    import signal
+
+    bad = [n for n in cfg.checkpoint.stop_signals if not isinstance(getattr(signal, n, None), signal.Signals)]
+    if bad:
+        p.append(f"checkpoint.stop_signals: unknown signal name(s) {', '.join(bad)} (e.g. SIGTERM, SIGUSR1)")
+    uncatchable = [n for n in cfg.checkpoint.stop_signals if n in ("SIGKILL", "SIGSTOP")]
+    if uncatchable:
+        p.append(
+            f"checkpoint.stop_signals: {', '.join(uncatchable)} cannot be caught, so it cannot mean 'save and stop'"
+        )
+    p += model_path_problems(cfg)
+    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
+        p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
+    p += strategy_problems(cfg, cfg.distributed.strategy, cuda)
+    return p
+
+
+def model_path_problems(cfg: Config) -> list[str]:
+    """model.path / model.tokenizer: an existing model directory, or a hub id while the hub is reachable."""
+    p: list[str] = []
+    offline = any(os.environ.get(k, "") not in ("", "0") for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    for field, value in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.exists() and not path.is_dir():
+            p.append(f"{field}: {value} is a file; give the model's directory (the one holding config.json)")
+        elif path.is_dir() and field == "model.path" and not (path / "config.json").is_file():
+            p.append(f"{field}: {value} has no config.json (is it a Hugging Face model directory?)")
+        elif not path.exists() and (value.startswith(("/", ".", "~")) or value.count("/") != 1):
+            p.append(f"{field}: no such directory: {value} (and it is not a hub id of the form org/name)")
+        elif not path.exists() and offline:
+            p.append(f"{field}: {value} is not a local directory, and the hub is offline (HF_HUB_OFFLINE)")
+    return p
+
+
+def strategy_problems(cfg: Config, strategy: str, cuda: bool) -> list[str]:
+    """What the strategy cannot do with this config: checked at validation for an explicit strategy, and
+    again by the trainer once `auto` is resolved (from the launcher's environment)."""
+    from launcher.strategies.traits import traits
+
+    p: list[str] = []
+    declared = traits(strategy)
+    if cfg.train.precision == "fp16" and declared and declared.fp16_needs_cuda and not cuda:
+        p.append(f"train.precision: fp16 under {declared.format} needs a CUDA GPU; use fp32 or bf16 on CPU")
+    if cfg.train.nonfinite == "skip" and declared and not declared.skips_steps:
+        p.append(f"train.nonfinite: 'skip' is not available under {declared.format} (its engine always steps)")
+    foreign = foreign_pickled_resume(cfg, strategy)
+    if foreign:
+        p.append(foreign)
+    return p
+
+
+def checkpoint_root(cfg: Config) -> Path:
+    """Where the run's checkpoints live: checkpoint.dir, else OUTPUT_DIR/checkpoints."""
+    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
+
+
+def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
+    """The problem with `checkpoint.resume: PATH` when `strategy` stores pickles and PATH is not this run's own."""
+    from launcher.strategies.traits import traits
+
+    resume, declared = cfg.checkpoint.resume, traits(strategy)
+    if declared is None or not declared.unpickles or resume in ("auto", "never"):
+        return None
+    root = checkpoint_root(cfg)
+    if Path(resume).resolve().is_relative_to(root.resolve()):
+        return None
+    return (
+        f"checkpoint.resume: {resume} is outside this run's checkpoints ({root}); {declared.format} "
+        "checkpoints contain pickles, which ftl loads only from the run's own checkpoint directory "
+        "(copy it there if you trust its source)"
+    )
+
+
+def qlora_problems(raw_method: dict[str, Any]) -> list[str]:
+    """QLoRA settings given while method.kind is full are a contradiction worth naming."""
+    given = raw_method.get("qlora")
+    if raw_method.get("kind") != "full" or not isinstance(given, dict):
+        return []
+    try:  # a resolved config.yaml carries the defaults: only values that differ are a contradiction
+        if QLoraSettings.model_validate(given) == QLoraSettings():
+            return []
+    except ValidationError:
+        pass
+    return ["method.qlora: settings given but method.kind is 'full' (QLoRA trains adapters only)"]
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
