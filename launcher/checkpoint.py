@@ -52,6 +52,7 @@ class TrainState:
     wandb_id: str | None = None
     skipped_steps: int = 0  # train.nonfinite=skip: steps whose update was dropped, in all
     skipped_in_a_row: int = 0  # ... and since the last update
+    reference_start: float | None = None  # data.reference: the pre-trained model's loss on it
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

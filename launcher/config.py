@@ -55,10 +55,32 @@ class QLoraSettings(_Section):
     )
 
 
+class AdapterSettings(_Section):
+    size: int = Field(64, ge=1, description="Bottleneck width of each adapter.")
+    placement: Literal["houlsby", "pfeiffer"] = Field(
+        "houlsby", description="houlsby: after attention and feed-forward; pfeiffer: after feed-forward only."
+    )
+    activation: Literal["gelu", "relu", "silu", "tanh"] = Field("gelu", description="Adapter nonlinearity.")
+    init_scale: float = Field(1e-3, gt=0, description="Std of the down-projection init (up starts at zero).")
+    train_layer_norms: bool = Field(False, description="Also train the model's norm layers.")
+
+
+class FreezeSettings(_Section):
+    embeddings: bool = Field(False, description="Freeze the input embeddings (and an output layer tied to them).")
+    bottom_layers: int = Field(0, ge=0, description="Freeze transformer blocks 0..N-1 (0 = the one nearest the input).")
+    patterns: list[str] = Field(default_factory=list, description="Regexes over parameter names to freeze.")
+
+
 class MethodConfig(_Section):
-    kind: Literal["full", "lora", "qlora"] = Field("lora", description="What is trained.")
+    kind: Literal["full", "lora", "qlora", "adapter"] = Field(
+        "lora", description="What is trained (adapter: bottleneck adapters, launcher/adapters.py)."
+    )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
+    adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    freeze: FreezeSettings = Field(
+        default_factory=FreezeSettings, description="Frozen on top of the method (full, or LoRA's adapters)."
+    )
 
 
 DataFormat = Literal["chat", "alpaca", "completion", "text", "classification"]
@@ -77,6 +99,12 @@ class DataConfig(_Section):
         "no cross-sample attention) whenever that computes less than padding it; same loss, no padding work.",
     )
     mask_prompt: bool = Field(True, description="Only answer tokens carry loss.")
+    reference: str | None = Field(
+        None,
+        description="Forgetting: rows unrelated to the task (text or chat); their loss is measured before "
+        "training and at every eval (`reference_loss`), and its rise reported at the end.",
+    )
+    reference_format: Literal["text", "chat"] = Field("text", description="Format of data.reference rows.")
     max_dropped_fraction: float = Field(
         0.05,
         ge=0,
@@ -84,6 +112,16 @@ class DataConfig(_Section):
         description="Rows whose every answer token is cut by max_seq_len are dropped (and "
         "reported); more than this share of a split is an error.",
     )
+
+
+class StlrSettings(_Section):
+    cut_frac: float = Field(0.1, gt=0, lt=1, description="Share of the steps over which the LR rises.")
+    ratio: float = Field(32, ge=1, description="How much smaller the lowest LR is than the peak.")
+
+
+class GradualUnfreezeSettings(_Section):
+    every_steps: int = Field(0, ge=0, description="Unfreeze one more block from the top every N steps (0: off).")
+    every_epochs: float = Field(0, ge=0, description="The same, every N epochs (0: off).")
 
 
 class TrainConfig(_Section):
@@ -95,7 +133,22 @@ class TrainConfig(_Section):
     optimizer: Literal["adamw", "adamw_8bit", "sgd"] = Field("adamw", description="Optimizer.")
     lr: float = Field(2.0e-4, gt=0, description="Peak learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="Decoupled weight decay.")
-    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="LR after warmup.")
+    schedule: Literal["cosine", "linear", "constant", "stlr"] = Field(
+        "cosine", description="LR after warmup; stlr: ULMFiT's slanted triangular (its own warmup, train.stlr)."
+    )
+    stlr: StlrSettings = Field(default_factory=StlrSettings, description="Slanted triangular LR (schedule: stlr).")
+    gradual_unfreeze: GradualUnfreezeSettings = Field(
+        default_factory=GradualUnfreezeSettings,
+        description="ULMFiT: first only the head (and adapters) train, then one more block from the top per "
+        "period, the embeddings last. Scheduled-frozen weights get LR 0 and their gradients are dropped.",
+    )
+    layer_lr_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Discriminative LRs: block l of L gets lr × decay^(L-1-l); embeddings decay^L; head lr "
+        "(ULMFiT: 1/2.6 ≈ 0.385). 1.0: one LR.",
+    )
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the global grad norm; null: no clipping.")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="Compute precision.")

@@ -45,6 +45,7 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
             f"checkpoint.stop_signals: {', '.join(uncatchable)} cannot be caught, so it cannot mean 'save and stop'"
         )
     p += model_path_problems(cfg)
+    p += transfer_problems(cfg)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
     p += strategy_problems(cfg, cfg.distributed.strategy, cuda)
@@ -128,3 +129,31 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def transfer_problems(cfg: Config) -> list[str]:
+    """The transfer-learning settings: valid regexes, a schedule without a second warmup, blocks that exist."""
+    import json
+    import re
+
+    p: list[str] = []
+    f = cfg.method.freeze
+    for pattern in f.patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            p.append(f"method.freeze.patterns: {pattern!r} is not a valid regex ({err})")
+    if cfg.train.schedule == "stlr" and cfg.train.warmup_steps:
+        p.append("train.warmup_steps: schedule stlr rises over train.stlr.cut_frac of the steps itself; set 0")
+    if cfg.data.reference and cfg.model.task != "causal_lm":
+        p.append("data.reference: a reference loss needs a causal LM (model.task: causal_lm)")
+    g = cfg.train.gradual_unfreeze
+    if g.every_steps and g.every_epochs:
+        p.append("train.gradual_unfreeze: set every_steps or every_epochs, not both")
+    config_json = Path(cfg.model.path).expanduser() / "config.json"
+    if f.bottom_layers and config_json.is_file():
+        hf = json.loads(config_json.read_text())
+        layers = hf.get("num_hidden_layers", hf.get("text_config", {}).get("num_hidden_layers"))
+        if isinstance(layers, int) and f.bottom_layers > layers:
+            p.append(f"method.freeze.bottom_layers: {f.bottom_layers} but the model has {layers} blocks")
+    return p

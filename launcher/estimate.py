@@ -21,6 +21,7 @@ from pathlib import Path
 
 from launcher.config import Config
 from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
+from launcher.methods import method_traits
 from launcher.strategies.traits import traits
 
 GIB = 2**30
@@ -99,15 +100,22 @@ def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
     block = sum(i * o for i, o in shape.linears.values())
     linear = shape.layers * block
     other = shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden
-    adapters = shape.layers * cfg.method.lora.r * sum(i + o for i, o in _targets(cfg, shape))
+    if kind == "adapter":  # bottleneck adapters: down + up with biases, one or two sites per block
+        a = cfg.method.adapter
+        adapters = (
+            shape.layers * (1 if a.placement == "pfeiffer" else 2) * (2 * shape.hidden * a.size + a.size + shape.hidden)
+        )
+    else:
+        adapters = shape.layers * cfg.method.lora.r * sum(i + o for i, o in _targets(cfg, shape))
     if kind == "qlora":
         per = 0.5 + (1 / 64 if cfg.method.qlora.double_quant else 4 / 64)
         weights = linear * per + other * DTYPE_BYTES[cfg.method.qlora.compute_dtype]
     else:
         weights = (linear + other) * dtype
-    trainable = adapters if kind in ("lora", "qlora") else linear + other
-    grad_bytes = 4 if kind in ("lora", "qlora") else dtype
-    weights += adapters * 4 if kind in ("lora", "qlora") else 0
+    adapted = method_traits(kind).adapters
+    trainable = adapters if adapted else linear + other
+    grad_bytes = 4 if adapted else dtype
+    weights += adapters * 4 if adapted else 0
     return {
         "weights": weights,
         "trainable": trainable,
@@ -181,7 +189,7 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
 def checkpoint_bytes(cfg: Config, shape: Shape) -> float:
     """One checkpoint: the trainable weights (adapters, or the whole model) and their optimizer state."""
     p = parameter_bytes(cfg, shape)
-    own = p["trainable"] * (4 if cfg.method.kind in ("lora", "qlora") else DTYPE_BYTES[cfg.model.dtype])
+    own = p["trainable"] * (4 if method_traits(cfg.method.kind).adapters else DTYPE_BYTES[cfg.model.dtype])
     return own + p["optimizer"]
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from launcher.config import Config, ConfigError, load_config
+from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, load_base_model, load_tokenizer
 
@@ -68,14 +69,14 @@ def checkpoint_to_hf(cfg: Config, ckpt: Path, out: Path) -> Path:
         raise ConfigError([f"--checkpoint: {ckpt} is not a complete checkpoint (no {MARKER} marker)"])
     weights = checkpoint_weights(ckpt)
     model = build_model(cfg, torch.device("cpu"))
-    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    trainable = dict(trainable_parameters(model))
     missing = [n for n in trainable if n not in weights]
     if missing:
         raise ConfigError([f"--checkpoint: {ckpt} lacks {len(missing)} trained tensors, e.g. {missing[0]}"])
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name].to(p.dtype))
-    model.save_pretrained(out, safe_serialization=True)
+    save_trained_model(cfg, model, out)
     load_tokenizer(cfg).save_pretrained(out)
     return out
 
@@ -101,10 +102,23 @@ def _write_export(cfg: Config, src: Path, dest: Path, merge: bool) -> Path:
         raise ConfigError([f"run_dir: {src} does not exist (the run has not finished; export a checkpoint)"])
     if dest.exists() and any(dest.iterdir()):
         raise ConfigError([f"--out: {dest} exists and is not empty; choose a new directory"])
-    adapters = cfg.method.kind in ("lora", "qlora")
+    if cfg.method.kind == "adapter" and merge:
+        raise ConfigError(
+            [
+                "--merge: bottleneck adapters add layers, they cannot be folded into the base weights; "
+                "export without --merge writes the base model and the adapters together "
+                "(reload: launcher.adapters.load_adapter)"
+            ]
+        )
+    adapters = method_traits(cfg.method.kind).merges
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if adapters and merge:
+    if cfg.method.kind == "adapter":
+        load_base_model(cfg, quantize=False, device=torch.device("cpu")).save_pretrained(tmp, safe_serialization=True)
+        for f in src.iterdir():  # the adapters, their settings and the tokenizer beside the base weights
+            if f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)
+    elif adapters and merge:
         merged_model(cfg, src).save_pretrained(tmp, safe_serialization=True)
         load_tokenizer(cfg).save_pretrained(tmp)
     else:

@@ -9,6 +9,7 @@ from torch import nn
 
 from launcher.config import Config, ConfigError
 from launcher.loss import install_label_only_head
+from launcher.methods import freeze
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,7 +108,7 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
     kind = cfg.method.kind
     if cfg.train.gradient_checkpointing is True and not checkpointing_done:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if kind == "lora":
+        if kind in ("lora", "adapter"):  # a frozen embedding: checkpointed blocks still need a grad path
             model.enable_input_require_grads()
     if kind in ("lora", "qlora"):
         from peft import get_peft_model
@@ -120,6 +121,12 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+    if kind == "adapter":
+        from launcher.adapters import attach_adapters
+
+        torch.manual_seed(cfg.train.seed)
+        attach_adapters(model, cfg.method.adapter)
+    freeze(model, cfg)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     install_label_only_head(model)

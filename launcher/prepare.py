@@ -104,9 +104,11 @@ def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
         fcntl.flock(lock, fcntl.LOCK_EX)
         train = _tokenize(raw.train, cfg, tokenizer, "data.train", build=True)
         evals = _tokenize(raw.eval, cfg, tokenizer, "data.eval", build=True) if raw.eval else None
+        ref = _tokenize(raw.reference, cfg, tokenizer, "data.reference", build=True) if raw.reference else None
     return DataSplits(
         train=_finish(train, cfg, training=True),
         eval=_finish(evals, cfg, training=False) if evals is not None else None,
+        reference=ref,
     )
 
 

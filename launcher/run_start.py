@@ -12,9 +12,11 @@ from launcher.data import Collator, DataSplits, GlobalBatchSampler
 from launcher.dist import DistEnv, all_reduce_sum
 from launcher.estimate import resolve_checkpointing
 from launcher.launch.allocator import active_allocator
+from launcher.methods import trainable_by_block
 from launcher.metrics import log
 from launcher.mfu import MfuMeter
 from launcher.model import param_counts
+from launcher.optim import depth_label, group_lrs
 from launcher.strategies.base import Strategy
 
 
@@ -28,6 +30,12 @@ def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: Globa
             f"gradient_checkpointing={'on' if recomputes(strategy.unwrapped) else 'off'}"
         )
         log(f"params: total={total:,} trainable={trainable:,}")
+        per_block = trainable_by_block(strategy.unwrapped)
+        layers = len(per_block) - 2
+        log("trainable per block: " + " ".join(f"{depth_label(d, layers)}={n:,}" for d, n in per_block.items()))
+        lrs = group_lrs(strategy.optimizer)
+        if len(lrs) > 1:
+            log("peak LR per group: " + " ".join(f"{k}={v:.3g}" for k, v in lrs.items()))
         log(
             f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
             f"{env.world_size} ranks = {sampler.global_batch} samples; {sampler.steps_per_epoch} steps/epoch; "

@@ -6,7 +6,6 @@ process group starts or a model loads, so bad input fails in seconds with exit c
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -27,7 +26,7 @@ from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, sh
 from launcher.loss import labels_for_head
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
 from launcher.model import load_tokenizer
-from launcher.optim import build_optimizer, lr_factor, set_lr
+from launcher.optim import group_lrs, lr_factor, optimizer_factory, set_lr, unfreeze_period
 from launcher.prepare import prepare_data, prepare_output_dir
 from launcher.run_start import (
     check_room,
@@ -132,6 +131,23 @@ def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, co
     return out
 
 
+def evaluate_splits(
+    strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, task: bool = True
+) -> dict[str, float]:
+    """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
+    out = evaluate(strategy, data.eval, cfg, env, collate) if task and data.eval is not None else {}
+    if data.reference is not None:
+        out["reference_loss"] = evaluate(strategy, data.reference, cfg, env, collate)["eval_loss"]
+    return out
+
+
+def report_forgetting(state: TrainState, metrics: dict[str, float], steps: int) -> None:
+    """At the end: how far the reference loss rose from the pre-trained model's."""
+    if state.step == steps and state.reference_start is not None and "reference_loss" in metrics:
+        start, end = state.reference_start, metrics["reference_loss"]
+        log(f"forgetting: reference loss {start:.4f} -> {end:.4f} ({end - start:+.4f}, {end / start - 1:+.1%})")
+
+
 def run_training(cfg: Config) -> int:
     """`ftl train`: check inputs, start the group, build, resume, train, save. Returns the exit code."""
     out_dir = prepare_output_dir(cfg)
@@ -187,7 +203,8 @@ def optimizer_step(
 ) -> dict[str, float]:
     """Run optimizer step `state.step` on this rank's share of its global batch; advance the counters."""
     t0 = time.perf_counter()
-    set_lr(strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, steps))
+    period = unfreeze_period(cfg.train, sampler.steps_per_epoch)
+    set_lr(strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, steps), state.step, period)
     micro_ids = sampler.micro_batches(state.step, env.rank)
     micro = [collate(data.train, ids) for ids in micro_ids]
     real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
@@ -200,10 +217,11 @@ def optimizer_step(
     state.samples += sampler.global_batch
     state.tokens += tokens
     dt = time.perf_counter() - t0
+    lrs = group_lrs(strategy.optimizer)
     row = {
         "step": state.step,
         "loss": loss,
-        "lr": strategy.optimizer.param_groups[0]["lr"],
+        "lr": max(lrs.values()),  # the top group's (layer_lr_decay scales the lower ones down)
         "grad_norm": norm,
         "tokens": state.tokens,
         "tokens_per_s": tokens / dt,
@@ -212,6 +230,8 @@ def optimizer_step(
         "epoch": state.samples / len(data.train),
         "world_size": env.world_size,
     }
+    if len(lrs) > 1:
+        row["lr_groups"] = lrs
     scale = strategy.loss_scale()
     if scale is not None:
         row["loss_scale"] = scale
@@ -259,7 +279,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     steps = total_steps(cfg, sampler)
     if finished_before(out_dir, steps, env):
         return EXIT_OK
-    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, t))
+    model = strategy.build_model()
+    strategy.setup(model, optimizer_factory(t, model))
     ckpt = CheckpointManager(cfg, env, strategy.name)
     state = start_or_resume(ckpt, strategy, env, t.seed)
     describe_start(strategy, cfg, env, sampler, steps)
@@ -271,6 +292,10 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     first_step = state.step
     if stop.agreed()[0]:  # asked to stop while starting: the state is the checkpoint's, nothing new to save
         return stopped_early(writer, stop, state, out_dir, env, saved=False)
+    if data.reference is not None and state.step == 0:  # forgetting is measured from the untouched model
+        state.reference_start = evaluate_splits(strategy, data, cfg, env, collate, task=False)["reference_loss"]
+        if writer:
+            writer.write({"step": 0, "reference_loss": state.reference_start})
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, collate)
         check_finite(cfg, state, sampler, ckpt)
@@ -280,10 +305,12 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
             if cfg.logging.sample_ids:
                 row["sample_ids"] = sampler.global_ids(state.step - 1).tolist()
             writer.write(row)
-        if data.eval is not None and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
-            metrics = evaluate(strategy, data.eval, cfg, env, collate)
+        evaluating = data.eval is not None or data.reference is not None
+        if evaluating and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
+            metrics = evaluate_splits(strategy, data, cfg, env, collate)
             if writer:
                 writer.write({"step": state.step, **metrics})
+                report_forgetting(state, metrics, steps)
         stopping, save_by_time = stop.agreed(ckpt.due_by_time())
         stopping = stopping and state.step < steps
         if stopping or ((save_by_time or ckpt.due_by_steps(state.step)) and state.step < steps):

@@ -20,6 +20,7 @@ class RawSplits:
 
     train: list[dict]
     eval: list[dict] | None
+    reference: list[dict] | None = None
 
 
 @dataclass
@@ -28,6 +29,7 @@ class DataSplits:
 
     train: Samples
     eval: Samples | None
+    reference: Samples | None = None  # data.reference: every token carries loss (forgetting)
 
 
 def read_splits(cfg: Config) -> RawSplits:
@@ -44,6 +46,12 @@ def read_splits(cfg: Config) -> RawSplits:
             evals = load_split(d.eval, d.format, "data.eval", cfg.model.num_labels)
         except ConfigError as err:
             problems += err.problems
+    reference = None
+    if d.reference:
+        try:
+            reference = load_split(d.reference, d.reference_format, "data.reference")
+        except ConfigError as err:
+            problems += err.problems
     if problems:
         raise ConfigError(problems)
     if d.eval_fraction > 0:
@@ -51,21 +59,23 @@ def read_splits(cfg: Config) -> RawSplits:
         n_eval = max(1, int(round(len(train) * d.eval_fraction)))
         evals = [train[i] for i in order[:n_eval]]
         train = [train[i] for i in sorted(order[n_eval:])]
-    return RawSplits(train=train, eval=evals)
+    return RawSplits(train=train, eval=evals, reference=reference)
 
 
 def tokenize_split(rows: list[dict], cfg: Config, tokenizer: Any, field: str, build: bool) -> Samples | None:
-    """Tokenise via the on-disk cache. With build=False, only read an existing cache (None if absent)."""
+    """Tokenise via the on-disk cache. With build=False, only read an existing cache (None if absent).
+    data.reference rows are in their own format, and every token of them carries loss."""
     d = cfg.data
-    settings = {"format": d.format, "max_len": d.max_seq_len, "mask_prompt": d.mask_prompt}
+    fmt, mask_prompt = (d.reference_format, False) if field == "data.reference" else (d.format, d.mask_prompt)
+    settings = {"format": fmt, "max_len": d.max_seq_len, "mask_prompt": mask_prompt}
     path = cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
     if path.exists():
         return check_dropped(load_samples(path), len(rows), cfg, field)
     if not build:
         return None
-    if d.format == "chat":
+    if fmt == "chat":
         require_chat_template(tokenizer, cfg.model.tokenizer or cfg.model.path)
-    samples = tokenize_rows(rows, d.format, tokenizer, d.max_seq_len, d.mask_prompt)
+    samples = tokenize_rows(rows, fmt, tokenizer, d.max_seq_len, mask_prompt)
     if len(samples) > 0:
         save_samples(samples, path)
     return check_dropped(samples, len(rows), cfg, field)

@@ -19,8 +19,9 @@ from torch import nn
 
 from launcher.config import Config
 from launcher.dist import DistEnv
+from launcher.methods import save_trained_model, trainable_parameters
 
-OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]  # trainable (name, param)
 
 
 class Strategy(ABC):
@@ -71,7 +72,7 @@ class Strategy(ABC):
         With train.nonfinite=skip a non-finite norm drops the update (fp16 leaves that to its scaler)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for _, p in trainable_parameters(self.model)]
         norm = self.clip_grad_norm(params, max_grad_norm)
         if self.cfg.train.nonfinite == "skip" and not self.scaler and not math.isfinite(norm):
             self.discard_step()
@@ -123,7 +124,7 @@ class Strategy(ABC):
     def save_pretrained(self, directory: Path) -> None:
         """Write the final model (PEFT: the adapter only) as a Hugging Face directory, from rank 0."""
         if self.env.is_main:
-            self.unwrapped.save_pretrained(directory, safe_serialization=True)
+            save_trained_model(self.cfg, self.unwrapped, directory)
 
     def save_checkpoint(self, directory: Path) -> None:
         """Write model (trainable parameters only: never a frozen base) + optimizer state into `directory`.
@@ -161,7 +162,7 @@ class Strategy(ABC):
             self.scaler.load_state_dict(extra["scaler"])
 
     def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
-        return ((n, p) for n, p in self.unwrapped.named_parameters() if p.requires_grad)
+        return iter(trainable_parameters(self.unwrapped))
 
     def describe(self) -> dict[str, Any]:
         return {"strategy": self.name}

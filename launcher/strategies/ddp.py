@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from launcher.methods import trainable_parameters
 from launcher.strategies.base import OptimizerFactory, Strategy
 
 
@@ -17,7 +18,7 @@ class DDPStrategy(Strategy):
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         self.model = DistributedDataParallel(model, device_ids=device_ids)
-        self.optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
+        self.optimizer = make_optimizer(trainable_parameters(model))
         self.scaler = self.make_scaler()
         return self.model
 

@@ -29,6 +29,7 @@ from torch import nn
 
 from launcher.config import Config
 from launcher.dist import DistEnv
+from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
@@ -93,7 +94,7 @@ class DeepSpeedStrategy(Strategy):
         self.stage, self.offload = resolve_stage_offload(cfg, user)
         self.engine: Any = None
         self.ds_config: dict[str, Any] = {}
-        self.adapters = cfg.method.kind in ("lora", "qlora")
+        self.adapters = method_traits(cfg.method.kind).adapters
         self._reported = False
         self._loaded_numel = 0
 
@@ -129,7 +130,7 @@ class DeepSpeedStrategy(Strategy):
             hidden = getattr(getattr(model, "config", None), "hidden_size", None)
             self.ds_config = build_ds_config(self.cfg, self.env.world_size, hidden)
         self._loaded_numel = sum(p.numel() for p in model.parameters())  # ZeRO-3 via zero.Init: ~0 of the base
-        optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
+        optimizer = make_optimizer(trainable_parameters(model))
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
@@ -193,7 +194,7 @@ class DeepSpeedStrategy(Strategy):
         """Rank 0 writes a Hugging Face directory (PEFT: the adapter only); every rank must call it."""
         state = self._gathered(trainable_only=self.adapters)
         if self.env.is_main:
-            self.unwrapped.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            save_trained_model(self.cfg, self.unwrapped, directory, state)
 
     def _gathered(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         """Parameters gathered one at a time onto rank 0. Trainable ones come from DeepSpeed's fp32 master copy

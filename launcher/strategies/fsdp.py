@@ -36,6 +36,7 @@ from torch.distributed.tensor import DTensor
 
 from launcher.config import Config, ConfigError
 from launcher.dist import DistEnv
+from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, build_meta_model
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
@@ -102,7 +103,7 @@ class FSDPStrategy(Strategy):
 
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
-        self._adapters = cfg.method.kind in ("lora", "qlora")
+        self._adapters = method_traits(cfg.method.kind).adapters
         self._full_weights: dict[str, torch.Tensor] | None = None  # rank 0's weights, until broadcast
         self._on_meta = False
         self._reported = False
@@ -161,7 +162,7 @@ class FSDPStrategy(Strategy):
         if self.env.world_size > 1 and self.cfg.method.kind != "qlora":
             self._broadcast_from_rank0(model)
         self.model = model
-        self.optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
+        self.optimizer = make_optimizer(trainable_parameters(model))
         from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
         self.scaler = self.make_scaler(ShardedGradScaler)
@@ -261,7 +262,7 @@ class FSDPStrategy(Strategy):
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self._adapters)
         state = get_model_state_dict(self.model, options=options)
         if self.env.is_main:
-            self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+            save_trained_model(self.cfg, self.model, directory, state)
 
 
 class DCPError(RuntimeError):

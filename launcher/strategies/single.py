@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from launcher.methods import trainable_parameters
 from launcher.strategies.base import OptimizerFactory, Strategy
 
 
@@ -12,6 +13,6 @@ class SingleStrategy(Strategy):
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
         self.model = model
-        self.optimizer = make_optimizer(p for p in model.parameters() if p.requires_grad)
+        self.optimizer = make_optimizer(trainable_parameters(model))
         self.scaler = self.make_scaler()
         return model

@@ -11,7 +11,6 @@ Rank 0 writes the losses of the steps it ran (WORKDIR/KIND/{phase}.json) and the
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from launcher.checkpoint import TrainState
 from launcher.config import load_config
 from launcher.dist import init_distributed, shutdown
 from launcher.model import load_tokenizer
-from launcher.optim import build_optimizer
+from launcher.optim import optimizer_factory
 from launcher.prepare import prepare_data
 from launcher.run_start import make_collator
 from launcher.strategies import make_strategy
@@ -38,7 +37,8 @@ def run_phase(config: str, phase: str, work: Path, overrides: list[str]) -> None
     data = prepare_data(cfg, tokenizer)
     env = init_distributed(cfg.distributed.timeout_minutes)
     strategy = make_strategy(cfg, env)
-    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, cfg.train))
+    model = strategy.build_model()
+    strategy.setup(model, optimizer_factory(cfg.train, model))
     sampler = make_sampler(cfg, env, data)
     state = TrainState()
     if phase == "load":

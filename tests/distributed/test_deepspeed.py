@@ -367,7 +367,7 @@ def _checkpoint_job(phase: str, config: str) -> None:
     from launcher.config import load_config
     from launcher.dist import init_distributed
     from launcher.model import load_tokenizer
-    from launcher.optim import build_optimizer
+    from launcher.optim import optimizer_factory
     from launcher.prepare import prepare_data
     from launcher.run_start import make_collator
     from launcher.strategies import make_strategy
@@ -378,7 +378,8 @@ def _checkpoint_job(phase: str, config: str) -> None:
     data = prepare_data(cfg, tokenizer)
     env = init_distributed(cfg.distributed.timeout_minutes)
     strategy = make_strategy(cfg, env)
-    strategy.setup(strategy.build_model(), functools.partial(build_optimizer, cfg.train))
+    model = strategy.build_model()
+    strategy.setup(model, optimizer_factory(cfg.train, model))
     strategy.model.train()
     collate = make_collator(cfg, strategy, tokenizer)
     steps = functools.partial(_steps, strategy, data, make_sampler(cfg, env, data), cfg, env, collate)

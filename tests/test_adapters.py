@@ -1,0 +1,88 @@
+"""Bottleneck adapters (method.kind: adapter): identity at step 0, the parameter formula, only adapters train,
+the saved adapter reloads onto the base with one call, export, and FSDP / ZeRO-3 equal a single process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import base_config, ftl, read_metrics, write_config
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+from launcher.adapters import attach_adapters, load_adapter
+from launcher.config import AdapterSettings
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "bert"])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_adapters_start_as_the_base_model_with_the_formula_count(models: dict, arch: str, placement: str) -> None:
+    cls = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
+    base = cls.from_pretrained(models[arch]).eval()
+    adapted = cls.from_pretrained(models[arch]).eval()
+    settings = AdapterSettings(size=8, placement=placement)
+    attach_adapters(adapted, settings)
+    ids = torch.randint(3, 60, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(base(input_ids=ids).logits, adapted(input_ids=ids).logits, atol=1e-5, rtol=0)
+    d, layers, sites = base.config.hidden_size, base.config.num_hidden_layers, 2 if placement == "houlsby" else 1
+    expected = layers * sites * (2 * d * 8 + 8 + d)
+    if arch == "bert":
+        expected += sum(p.numel() for n, p in base.named_parameters() if n.startswith("classifier."))  # new head
+    assert sum(p.numel() for p in adapted.parameters() if p.requires_grad) == expected
+    trainable = [n for n, p in adapted.named_parameters() if p.requires_grad]
+    assert all("_adapter." in n or n.startswith("classifier.") for n in trainable)
+
+
+def _adapter_run(tmp: Path, models: dict, toy_data: dict, dist: dict, nproc: int = 0) -> Path:
+    cfg = base_config(
+        tmp,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "adapter", "adapter": {"size": 8}},
+        data={"eval": str(toy_data["completion"])},
+        train={"max_steps": 4, "lr": 1e-2, "micro_batch_size": 2, "grad_accum": 1 if nproc else 2},
+        distributed=dist,
+    )
+    path = write_config(tmp / "cfg.yaml", cfg)
+    res = ftl("train", str(path), *(["--nproc", str(nproc)] if nproc else []))
+    assert res.returncode == 0, res.stderr[-4000:]
+    return Path(cfg["output_dir"])
+
+
+def test_only_adapters_train_and_the_saved_adapter_reloads(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    from test_train import _eval_loss_of
+
+    run = _adapter_run(tmp_path, models, toy_data, {})
+    saved = load_file(run / "final" / "adapter_model.safetensors")
+    assert saved and all("_adapter." in n for n in saved)
+    assert any(v.any() for n, v in saved.items() if ".up.weight" in n)  # the zero-initialised up-projections moved
+    reloaded = load_adapter(AutoModelForCausalLM.from_pretrained(models["llama"]), run / "final")
+    trained_eval = [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r][-1]
+    assert _eval_loss_of(reloaded, run / "final", toy_data["completion"]) == pytest.approx(trained_eval, rel=1e-4)
+
+    refused = ftl("export", str(run), "--out", str(tmp_path / "merged"), "--merge")
+    assert refused.returncode == 2 and "cannot be folded" in refused.stderr, refused.stderr[-2000:]
+    exported = ftl("export", str(run), "--out", str(tmp_path / "export"))
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    base = load_file(models["llama"] / "model.safetensors")
+    written = load_file(tmp_path / "export" / "model.safetensors")
+    assert all(written[n].equal(base[n]) for n in base)  # the base weights are bitwise the pre-trained ones
+    again = load_adapter(AutoModelForCausalLM.from_pretrained(tmp_path / "export"), tmp_path / "export")
+    assert _eval_loss_of(again, run / "final", toy_data["completion"]) == pytest.approx(trained_eval, rel=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dist", [{"strategy": "fsdp"}, {"strategy": "deepspeed", "zero_stage": 3}])
+def test_adapters_under_sharding_equal_a_single_process(
+    tmp_path: Path, models: dict, toy_data: dict, dist: dict
+) -> None:
+    single = _adapter_run(tmp_path / "single", models, toy_data, {})
+    sharded = _adapter_run(tmp_path / "sharded", models, toy_data, dist, nproc=2)
+    losses = lambda run: [r["loss"] for r in read_metrics(run) if "loss" in r]  # noqa: E731
+    assert losses(sharded) == pytest.approx(losses(single), rel=1e-4)
+    a = load_file(single / "final" / "adapter_model.safetensors")
+    b = load_file(sharded / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4

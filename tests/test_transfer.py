@@ -1,0 +1,194 @@
+"""The transfer-learning toolbox: layer freezing, discriminative LRs, slanted triangular LR — each under
+single, FSDP and ZeRO-3 (2 real ranks), asserted on the trained weights and the optimizer's own LRs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import base_config, ftl, read_metrics, write_config
+from safetensors.torch import load_file
+
+from launcher.config import TrainConfig
+from launcher.optim import lr_factor, stlr_factor
+
+STRATEGIES = {
+    "single": ({}, 0),
+    "fsdp": ({"strategy": "fsdp"}, 2),
+    "zero3": ({"strategy": "deepspeed", "zero_stage": 3}, 2),
+}
+
+
+def _train(tmp: Path, cfg: dict, nproc: int) -> tuple[Path, str]:
+    path = write_config(tmp / "cfg.yaml", cfg)
+    res = ftl("train", str(path), *(["--nproc", str(nproc)] if nproc else []))
+    assert res.returncode == 0, res.stderr[-4000:]
+    return Path(cfg["output_dir"]), res.stderr
+
+
+def _strategy_param(name: str):
+    return pytest.param(name, marks=[pytest.mark.slow] if STRATEGIES[name][1] else [])
+
+
+@pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
+def test_frozen_parameters_are_bitwise_unchanged(tmp_path: Path, models: dict, toy_data: dict, strategy: str) -> None:
+    dist, nproc = STRATEGIES[strategy]
+    freeze = {"embeddings": True, "bottom_layers": 1, "patterns": [r"post_attention_layernorm"]}
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "full", "freeze": freeze},
+        train={"max_steps": 3, "lr": 1e-2},
+        distributed=dist,
+    )
+    run, log = _train(tmp_path, cfg, nproc)
+    base = load_file(models["llama"] / "model.safetensors")
+    trained = load_file(run / "final" / "model.safetensors")
+    frozen = [n for n in base if "embed_tokens" in n or ".layers.0." in n or "post_attention_layernorm" in n]
+    moving = [n for n in base if n not in frozen]
+    assert frozen and moving
+    for name in frozen:
+        assert trained[name].equal(base[name]), name  # bitwise: no update, no weight decay, no drift
+    for name in moving:
+        assert not trained[name].equal(base[name]), name
+    assert "trainable per block: emb=0 0=0 1=" in log, log[-3000:]
+
+
+def test_freezing_applies_on_top_of_lora(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "lora", "freeze": {"bottom_layers": 1}},
+        train={"max_steps": 3, "lr": 1e-2},
+    )
+    run, _ = _train(tmp_path, cfg, 0)
+    adapter = load_file(run / "final" / "adapter_model.safetensors")
+    lower = [n for n in adapter if ".layers.0." in n and "lora_B" in n]
+    upper = [n for n in adapter if ".layers.1." in n and "lora_B" in n]
+    assert lower and upper
+    assert all(not adapter[n].any() for n in lower)  # B starts at zero; frozen, it stays there
+    assert all(adapter[n].any() for n in upper)
+
+
+@pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
+def test_each_group_lr_is_layer_decay_times_the_schedule(
+    tmp_path: Path, models: dict, toy_data: dict, strategy: str
+) -> None:
+    dist, nproc = STRATEGIES[strategy]
+    decay, steps = 0.5, 6
+    train = {"max_steps": steps, "lr": 1e-2, "layer_lr_decay": decay, "schedule": "stlr"}
+    train["stlr"] = {"cut_frac": 0.34, "ratio": 8}
+    cfg = base_config(
+        tmp_path, models["llama"], toy_data["completion"], method={"kind": "full"}, train=train, distributed=dist
+    )
+    run, log = _train(tmp_path, cfg, nproc)
+    t = TrainConfig.model_validate(train)
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    assert len(rows) == steps
+    layers = 2
+    for row in rows:
+        peak = 1e-2 * lr_factor(row["step"] - 1, t, steps)
+        expected = {"emb": peak * decay**layers, "0": peak * decay, "1": peak, "head": peak}
+        assert row["lr_groups"] == pytest.approx(expected, rel=1e-9), row
+        assert row["lr"] == pytest.approx(peak, rel=1e-9)
+    assert "peak LR per group: emb=0.0025 0=0.005 1=0.01 head=0.01" in log, log[-3000:]
+
+
+def test_slanted_triangular_lr_equals_the_ulmfit_formula() -> None:
+    # T = 100 steps, cut_frac 0.1 -> cut = 10; ratio 32 (Howard & Ruder 2018, eq. 3)
+    expected = {0: 1 / 32, 5: (1 + 0.5 * 31) / 32, 10: 1.0, 55: (1 + 0.5 * 31) / 32, 99: (1 + 31 / 90) / 32}
+    for step, value in expected.items():
+        assert stlr_factor(step, 100, 0.1, 32) == pytest.approx(value, rel=1e-12), step
+    values = [stlr_factor(s, 100, 0.1, 32) for s in range(100)]
+    assert values.index(max(values)) == 10 and min(values) == pytest.approx(1 / 32)
+
+
+def _gradual_config(tmp_path: Path, models: dict, toy_data: dict, dist: dict) -> dict:
+    return base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "full"},
+        train={"max_steps": 8, "lr": 1e-2, "weight_decay": 0.1, "gradual_unfreeze": {"every_steps": 2}},
+        checkpoint={"every_steps": 2, "keep_last": 10},
+        distributed=dist,
+        logging={"every_steps": 1, "sample_ids": True},
+    )
+
+
+def _depth(name: str) -> str:
+    return "emb" if "embed_tokens" in name else "0" if ".layers.0." in name else "1" if ".layers.1." in name else "head"
+
+
+@pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
+def test_gradual_unfreezing_thaws_one_block_per_period(
+    tmp_path: Path, models: dict, toy_data: dict, strategy: str
+) -> None:
+    """2 blocks, a thaw every 2 steps: head alone (steps 1-2), + block 1 (3-4), + block 0 (5-6), + embeddings.
+    With weight decay on, a block still frozen by the schedule must be bitwise the pre-trained one."""
+    from launcher.export import checkpoint_weights
+
+    dist, nproc = STRATEGIES[strategy]
+    run, _ = _train(tmp_path, _gradual_config(tmp_path, models, toy_data, dist), nproc)
+    base = load_file(models["llama"] / "model.safetensors")
+    thawed_after = {"head": 0, "1": 2, "0": 4, "emb": 6}  # steps done before the depth first trains
+    for step in (2, 4, 6):
+        weights = checkpoint_weights(run / "checkpoints" / f"step-{step:08d}")
+        for name, tensor in weights.items():
+            key = name.removeprefix("model.") if name not in base else name
+            changed = not tensor.equal(base.get(name, base.get(key)))
+            assert changed == (step > thawed_after[_depth(name)]), (step, name)
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    for row in rows:
+        for depth, after in thawed_after.items():
+            assert (row["lr_groups"][depth] > 0) == (row["step"] > after), row
+
+
+def test_gradual_unfreezing_resumes_exactly_across_a_thaw(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    from resume_utils import final_weights, finish, kill_after, max_weight_diff, start
+
+    cfg = write_config(tmp_path / "cfg.yaml", _gradual_config(tmp_path, models, toy_data, {}))
+    code, log = finish(start(cfg, f"output_dir={tmp_path / 'straight'}"))
+    assert code == 0, log[-3000:]
+    run = tmp_path / "killed"
+    kill_after(cfg, run, step=3)  # step 2's checkpoint is the latest; block 1 thaws at step 3
+    code, log = finish(start(cfg, f"output_dir={run}"))
+    assert code == 0 and "at step 2" in log, log[-3000:]
+    assert max_weight_diff(final_weights(run), final_weights(tmp_path / "straight")) <= 1e-6
+
+
+def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from launcher.data import collate
+    from launcher.data.tokenized import tokenize_rows
+    from launcher.trainer import loss_sum
+
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": "full"},
+        data={"reference": str(toy_data["text"])},
+        train={"max_steps": 6, "lr": 1e-2, "eval_every": 3},
+    )
+    run, log = _train(tmp_path, cfg, 0)
+    refs = [(r["step"], r["reference_loss"]) for r in read_metrics(run) if "reference_loss" in r]
+    assert [s for s, _ in refs] == [0, 3, 6]
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    rows = [json.loads(x) for x in toy_data["text"].read_text().splitlines()]
+    samples = tokenize_rows(rows, "text", tok, 64, mask_prompt=False)
+    model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
+    with torch.no_grad():
+        total = sum(
+            float(loss_sum(model, collate(samples, range(i, min(i + 4, len(samples))), 0))[0])
+            for i in range(0, len(samples), 4)
+        )
+    assert refs[0][1] == pytest.approx(total / samples.num_label_tokens, rel=1e-5)  # the untouched model's loss
+    start, end = refs[0][1], refs[-1][1]
+    assert f"forgetting: reference loss {start:.4f} -> {end:.4f}" in log, log[-2000:]
