@@ -36,6 +36,7 @@ def test_adapters_start_as_the_base_model_with_the_formula_count(models: dict, a
 
 
 def _adapter_run(tmp: Path, models: dict, toy_data: dict, dist: dict, nproc: int = 0) -> Path:
+    tmp.mkdir(parents=True, exist_ok=True)
     cfg = base_config(
         tmp,
         models["llama"],

@@ -192,3 +192,16 @@ def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_da
     assert refs[0][1] == pytest.approx(total / samples.num_label_tokens, rel=1e-5)  # the untouched model's loss
     start, end = refs[0][1], refs[-1][1]
     assert f"forgetting: reference loss {start:.4f} -> {end:.4f}" in log, log[-2000:]
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (Path(__file__).parents[1] / "examples").glob("*.yaml")))
+def test_every_example_config_is_valid(models: dict, toy_data: dict, example: str) -> None:
+    from launcher.config import load_config
+
+    path = Path(__file__).parents[1] / "examples" / example
+    classify = "task: sequence_classification" in path.read_text()
+    data = toy_data["classification" if classify else "chat"]
+    model = models["bert" if classify else "llama"]
+    cfg = load_config(path, [f"model.path={model}", f"data.train={data}", f"data.eval={data}"])
+    assert "# " in path.read_text().splitlines()[0] and "python" in path.read_text()  # opens with its command
+    assert cfg.output_dir
