@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from launcher.config import AdapterSettings, ConfigError
+from launcher.methods import is_new_head
 
 CONFIG_FILE, WEIGHTS_FILE = "ftl_adapter.json", "adapter_model.safetensors"
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}
@@ -96,18 +97,13 @@ def attach_adapters(model: nn.Module, s: AdapterSettings) -> nn.Module:
             object.__setattr__(target, "_ftl_adapter_owner", block)  # not a submodule: no cycle in the tree
             target.register_forward_hook(_output_hook(adapter_name))
     for name, p in model.named_parameters():
-        if "_adapter." in name or (s.train_layer_norms and _is_norm(name)) or _is_new_head(name):
+        if "_adapter." in name or (s.train_layer_norms and _is_norm(name)) or is_new_head(name):
             p.requires_grad_(True)
     return model
 
 
 def _is_norm(name: str) -> bool:
     return any(key in name for key in ("norm", "LayerNorm", "layernorm", "ln_"))
-
-
-def _is_new_head(name: str) -> bool:
-    """A sequence-classification head is new (not pre-trained): it trains with the adapters."""
-    return name.startswith(("score.", "classifier."))
 
 
 def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -65,6 +65,15 @@ class AdapterSettings(_Section):
     train_layer_norms: bool = Field(False, description="Also train the model's norm layers.")
 
 
+class PromptTuningSettings(_Section):
+    num_virtual_tokens: int = Field(20, ge=1, description="Trained embeddings prepended to every input.")
+    init_text: str | None = Field(None, description="Initialise them from this text's token embeddings (else random).")
+
+
+class PrefixTuningSettings(_Section):
+    num_virtual_tokens: int = Field(20, ge=1, description="Trained key/value prefixes per layer.")
+
+
 class FreezeSettings(_Section):
     embeddings: bool = Field(False, description="Freeze the input embeddings (and an output layer tied to them).")
     bottom_layers: int = Field(0, ge=0, description="Freeze transformer blocks 0..N-1 (0 = the one nearest the input).")
@@ -72,12 +81,14 @@ class FreezeSettings(_Section):
 
 
 class MethodConfig(_Section):
-    kind: Literal["full", "lora", "qlora", "adapter"] = Field(
-        "lora", description="What is trained (adapter: bottleneck adapters, launcher/adapters.py)."
+    kind: Literal["full", "lora", "qlora", "adapter", "prompt_tuning", "prefix_tuning"] = Field(
+        "lora", description="What is trained (adapter: bottleneck adapters; prompt/prefix tuning: PEFT's)."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: QLoraSettings = Field(default_factory=QLoraSettings)
     adapter: AdapterSettings = Field(default_factory=AdapterSettings)
+    prompt_tuning: PromptTuningSettings = Field(default_factory=PromptTuningSettings)
+    prefix_tuning: PrefixTuningSettings = Field(default_factory=PrefixTuningSettings)
     freeze: FreezeSettings = Field(
         default_factory=FreezeSettings, description="Frozen on top of the method (full, or LoRA's adapters)."
     )
@@ -124,6 +135,14 @@ class GradualUnfreezeSettings(_Section):
     every_epochs: float = Field(0, ge=0, description="The same, every N epochs (0: off).")
 
 
+class L2spSettings(_Section):
+    weight: float = Field(
+        0.0,
+        ge=0,
+        description="L2-SP (Li et al. 2018): adds weight/2 · Σ‖θ − θ_pre‖² over the trained pre-trained weights.",
+    )
+
+
 class TrainConfig(_Section):
     seed: int = Field(0, ge=0, lt=2**32, description="Seeds the data order, init of new layers, dropout.")
     max_steps: int | None = Field(100, ge=1, description="Optimizer steps; wins over epochs when both set.")
@@ -142,6 +161,7 @@ class TrainConfig(_Section):
         description="ULMFiT: first only the head (and adapters) train, then one more block from the top per "
         "period, the embeddings last. Scheduled-frozen weights get LR 0 and their gradients are dropped.",
     )
+    l2sp: L2spSettings = Field(default_factory=L2spSettings, description="Pull toward the pre-trained weights.")
     layer_lr_decay: float = Field(
         1.0,
         gt=0,

@@ -145,8 +145,22 @@ def transfer_problems(cfg: Config) -> list[str]:
             p.append(f"method.freeze.patterns: {pattern!r} is not a valid regex ({err})")
     if cfg.train.schedule == "stlr" and cfg.train.warmup_steps:
         p.append("train.warmup_steps: schedule stlr rises over train.stlr.cut_frac of the steps itself; set 0")
+    from launcher.methods import method_traits
+
+    if cfg.data.packing and not method_traits(cfg.method.kind).concatenates:
+        p.append(
+            f"data.packing: method.kind {cfg.method.kind} prepends virtual tokens to each row, which cannot "
+            "follow a packed row's block-diagonal mask; set data.packing: false"
+        )
+    if cfg.method.kind in ("prompt_tuning", "prefix_tuning") and cfg.model.task != "causal_lm":
+        p.append(f"method.kind: {cfg.method.kind} is wired for causal LMs (model.task: causal_lm)")
     if cfg.data.reference and cfg.model.task != "causal_lm":
         p.append("data.reference: a reference loss needs a causal LM (model.task: causal_lm)")
+    if cfg.train.l2sp.weight and cfg.method.kind != "full":
+        p.append(
+            f"train.l2sp: method.kind {cfg.method.kind} trains no pre-trained weights (its adapters start new); "
+            "L2-SP needs method.kind full"
+        )
     g = cfg.train.gradual_unfreeze
     if g.every_steps and g.every_epochs:
         p.append("train.gradual_unfreeze: set every_steps or every_epochs, not both")

@@ -105,6 +105,10 @@ def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
         adapters = (
             shape.layers * (1 if a.placement == "pfeiffer" else 2) * (2 * shape.hidden * a.size + a.size + shape.hidden)
         )
+    elif kind == "prompt_tuning":
+        adapters = cfg.method.prompt_tuning.num_virtual_tokens * shape.hidden
+    elif kind == "prefix_tuning":  # a key and a value prefix per layer
+        adapters = cfg.method.prefix_tuning.num_virtual_tokens * shape.hidden * 2 * shape.layers
     else:
         adapters = shape.layers * cfg.method.lora.r * sum(i + o for i, o in _targets(cfg, shape))
     if kind == "qlora":

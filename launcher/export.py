@@ -110,7 +110,10 @@ def _write_export(cfg: Config, src: Path, dest: Path, merge: bool) -> Path:
                 "(reload: launcher.adapters.load_adapter)"
             ]
         )
-    adapters = method_traits(cfg.method.kind).merges
+    declared = method_traits(cfg.method.kind)
+    if merge and declared.adapters and not declared.merges and cfg.method.kind != "adapter":
+        raise ConfigError([f"--merge: {cfg.method.kind} trains virtual tokens, there is nothing to fold into weights"])
+    adapters = declared.merges
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if cfg.method.kind == "adapter":

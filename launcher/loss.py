@@ -53,9 +53,17 @@ def labels_for_head(labels: torch.Tensor) -> Iterator[None]:
 
 def _head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     labels = _LABELS.get()
-    if labels is None or hidden.shape[:2] != labels.shape:
+    if labels is None or hidden.shape[0] != labels.shape[0] or hidden.shape[1] < labels.shape[1]:
         return F.linear(hidden, head.weight, head.bias)
-    return label_loss_sum(hidden, head.weight, head.bias, labels)
+    return label_loss_sum(hidden, head.weight, head.bias, aligned_labels(labels, hidden.shape[1]))
+
+
+def aligned_labels(labels: torch.Tensor, length: int) -> torch.Tensor:
+    """Labels for `length` positions: prompt tuning prepends virtual tokens, which carry no label."""
+    extra = length - labels.shape[1]
+    if extra == 0:
+        return labels
+    return torch.cat([labels.new_full((labels.shape[0], extra), IGNORE), labels], dim=1)
 
 
 def label_loss_sum(

@@ -26,6 +26,7 @@ class MethodTraits:
     name: str
     adapters: bool  # trains added tensors on a frozen base: checkpoints and final/ hold only those
     merges: bool  # `ftl export --merge` can fold the added tensors into the base weights
+    concatenates: bool = True  # rows may share a sequence (packing, padding-free): it keeps 4D masks intact
 
 
 METHODS = {
@@ -33,6 +34,9 @@ METHODS = {
     "lora": MethodTraits("lora", adapters=True, merges=True),
     "qlora": MethodTraits("qlora", adapters=True, merges=True),
     "adapter": MethodTraits("adapter", adapters=True, merges=False),
+    # PEFT prepends virtual tokens / key-value prefixes and widens a 2D attention mask to match
+    "prompt_tuning": MethodTraits("prompt_tuning", adapters=True, merges=False, concatenates=False),
+    "prefix_tuning": MethodTraits("prefix_tuning", adapters=True, merges=False, concatenates=False),
 }
 
 
@@ -81,6 +85,16 @@ def freeze(model: nn.Module, cfg: Config) -> None:
         problems.append("method.freeze: everything is frozen; nothing would train")
     if problems:
         raise ConfigError(problems)
+
+
+def is_new_head(name: str) -> bool:
+    """A sequence-classification head is new (not pre-trained): it trains whatever the method."""
+    return name.startswith(("score.", "classifier."))
+
+
+def is_adapter(name: str) -> bool:
+    """A tensor a method added to the pre-trained model (LoRA, bottleneck adapters)."""
+    return "lora_" in name or "_adapter." in name or "prompt_encoder." in name
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:

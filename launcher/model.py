@@ -121,6 +121,11 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
+    if kind in ("prompt_tuning", "prefix_tuning"):
+        from peft import get_peft_model
+
+        torch.manual_seed(cfg.train.seed)
+        model = get_peft_model(model, virtual_token_config(cfg))
     if kind == "adapter":
         from launcher.adapters import attach_adapters
 
@@ -131,6 +136,21 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
         model.config.use_cache = False
     install_label_only_head(model)
     return model
+
+
+def virtual_token_config(cfg: Config) -> Any:
+    """PEFT's prompt-tuning or prefix-tuning config from method.prompt_tuning / method.prefix_tuning."""
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+
+    if cfg.method.kind == "prefix_tuning":
+        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.method.prefix_tuning.num_virtual_tokens)
+    s = cfg.method.prompt_tuning
+    text = {"prompt_tuning_init": PromptTuningInit.RANDOM}
+    if s.init_text:
+        tokenizer = cfg.model.tokenizer or cfg.model.path
+        text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": s.init_text}
+        text["tokenizer_name_or_path"] = tokenizer
+    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s.num_virtual_tokens, **text)
 
 
 def param_numel(p: torch.Tensor) -> int:

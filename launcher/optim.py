@@ -16,28 +16,31 @@ import torch
 from torch import nn
 
 from launcher.config import TrainConfig
-from launcher.methods import block_of, num_layers
+from launcher.methods import block_of, is_adapter, is_new_head, num_layers
 
 
 def param_groups(t: TrainConfig, named: Iterable[tuple[str, nn.Parameter]], layers: int) -> list[dict]:
-    """Groups by depth, bottom to top, each with `lr_scale` = layer_lr_decay^(L-1-l) (head: 1). Under gradual
-    unfreezing adapters (LoRA tensors) get groups of their own: they train from the start."""
+    """Groups by depth, bottom to top, each with `lr_scale` = layer_lr_decay^(L-1-l) (head: 1). Added tensors
+    (adapters: they train from the start under gradual unfreezing) and a new head (not pre-trained: no L2-SP
+    anchor) get groups of their own. `l2sp` marks the groups of trained pre-trained weights."""
     named = list(named)
     gradual = bool(t.gradual_unfreeze.every_steps or t.gradual_unfreeze.every_epochs)
-    if t.layer_lr_decay == 1.0 and not gradual:
+    if t.layer_lr_decay == 1.0 and not gradual and not t.l2sp.weight:
         return [{"params": [p for _, p in named], "lr_scale": 1.0, "label": "all", "depth": layers, "layers": layers}]
-    by_key: dict[tuple[int, bool], list[nn.Parameter]] = {}
+    by_key: dict[tuple[int, str], list[nn.Parameter]] = {}
     for name, p in named:
-        by_key.setdefault((block_of(name, layers), gradual and is_adapter(name)), []).append(p)
+        kind = "/adapter" if is_adapter(name) else "/new" if is_new_head(name) else ""
+        by_key.setdefault((block_of(name, layers), kind), []).append(p)
     return [
         {
             "params": ps,
             "lr_scale": t.layer_lr_decay ** max(0, layers - 1 - depth),
-            "label": depth_label(depth, layers) + ("/adapter" if adapter else ""),
-            "depth": layers if adapter else depth,  # an adapter group is never scheduled-frozen
+            "label": depth_label(depth, layers) + kind,
+            "depth": layers if kind else depth,  # added or new tensors are never scheduled-frozen
             "layers": layers,
+            "l2sp": not kind,
         }
-        for (depth, adapter), ps in sorted(by_key.items())
+        for (depth, kind), ps in sorted(by_key.items())
     ]
 
 
@@ -112,11 +115,6 @@ def unfreeze_period(t: TrainConfig, steps_per_epoch: int) -> int:
     """Steps between two thaws of gradual unfreezing (0: off)."""
     g = t.gradual_unfreeze
     return g.every_steps or (max(1, round(g.every_epochs * steps_per_epoch)) if g.every_epochs else 0)
-
-
-def is_adapter(name: str) -> bool:
-    """A tensor a PEFT method added (it trains from the start under gradual unfreezing)."""
-    return "lora_" in name
 
 
 def depth_label(depth: int, layers: int) -> str:

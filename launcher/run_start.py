@@ -12,7 +12,7 @@ from launcher.data import Collator, DataSplits, GlobalBatchSampler
 from launcher.dist import DistEnv, all_reduce_sum
 from launcher.estimate import resolve_checkpointing
 from launcher.launch.allocator import active_allocator
-from launcher.methods import trainable_by_block
+from launcher.methods import method_traits, trainable_by_block
 from launcher.metrics import log
 from launcher.mfu import MfuMeter
 from launcher.model import param_counts
@@ -83,7 +83,8 @@ def decide_checkpointing(cfg: Config, env: DistEnv) -> Config:
 
 def make_collator(cfg: Config, strategy: Strategy, tokenizer: Any) -> Collator:
     """Padding-free concatenation needs the model's width for its cost model; off when it is not known."""
-    width = getattr(strategy.unwrapped.config, "hidden_size", 0) if cfg.data.padding_free else 0
+    on = cfg.data.padding_free and method_traits(cfg.method.kind).concatenates
+    width = getattr(strategy.unwrapped.config, "hidden_size", 0) if on else 0
     return Collator(tokenizer.pad_token_id, int(width or 0))
 
 

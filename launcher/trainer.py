@@ -23,7 +23,8 @@ from launcher.config import Config, ConfigError
 from launcher.config_checks import strategy_problems
 from launcher.data import Collator, DataSplits, GlobalBatchSampler, Samples, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from launcher.loss import labels_for_head
+from launcher.l2sp import L2SP
+from launcher.loss import aligned_labels, labels_for_head
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
 from launcher.model import load_tokenizer
 from launcher.optim import group_lrs, lr_factor, optimizer_factory, set_lr, unfreeze_period
@@ -66,7 +67,7 @@ def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
         labels = batch["class_labels"]
         correct = int((logits.argmax(-1) == labels).sum())
         return F.cross_entropy(logits, labels, reduction="sum"), correct
-    labels = batch["labels"][:, 1:]
+    labels = aligned_labels(batch["labels"], logits.size(1))[:, 1:]
     shifted = logits[:, :-1].reshape(-1, logits.size(-1))
     return F.cross_entropy(shifted, labels.reshape(-1), ignore_index=-100, reduction="sum"), 0
 
@@ -281,7 +282,11 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         return EXIT_OK
     model = strategy.build_model()
     strategy.setup(model, optimizer_factory(t, model))
-    ckpt = CheckpointManager(cfg, env, strategy.name)
+    l2sp = None
+    if t.l2sp.weight:
+        shards = strategy.optimizer_holds_shards()
+        l2sp = L2SP(strategy.optimizer, strategy.optimizer_tensors(), t.l2sp.weight, shards)
+    ckpt = CheckpointManager(cfg, env, strategy.name)  # (the L2-SP anchor is taken before any checkpoint loads)
     state = start_or_resume(ckpt, strategy, env, t.seed)
     describe_start(strategy, cfg, env, sampler, steps)
     check_room(cfg, strategy, env)
@@ -298,6 +303,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
             writer.write({"step": 0, "reference_loss": state.reference_start})
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, collate)
+        if l2sp is not None:
+            row["l2sp_penalty"] = l2sp.penalty(env)
         check_finite(cfg, state, sampler, ckpt)
         if row["step"] == first_step + 1:
             describe_sharding(strategy, env)

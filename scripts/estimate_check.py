@@ -25,16 +25,21 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 FULL = {"method": {"kind": "full"}, "train": {"micro_batch_size": 2}}
 LORA = {"method": {"kind": "lora"}, "train": {"micro_batch_size": 4}}
+GC = "train.gradient_checkpointing=true"
 CONFIGS = {  # name: (config changes, extra overrides, ranks)
     "full": (FULL, ["train.gradient_checkpointing=false"], 1),
-    "full, checkpointing": (FULL, [], 1),
+    "full, checkpointing": (FULL, ["train.gradient_checkpointing=true"], 1),
     "lora": (LORA, ["train.gradient_checkpointing=false"], 1),
-    "lora, checkpointing": (LORA, [], 1),
+    "lora, checkpointing": (LORA, ["train.gradient_checkpointing=true"], 1),
     "lora, packing": (LORA, ["data.packing=true", "train.gradient_checkpointing=false"], 1),
-    "qlora, checkpointing": ({**LORA, "method": {"kind": "qlora"}}, ["method.qlora.compute_dtype=float32"], 1),
-    "fsdp 2 ranks, full": (FULL, ["distributed.strategy=fsdp"], 2),
-    "zero2 2 ranks, full": (FULL, ["distributed.strategy=deepspeed", "distributed.zero_stage=2"], 2),
-    "zero3 2 ranks, full": (FULL, ["distributed.strategy=deepspeed", "distributed.zero_stage=3"], 2),
+    "qlora, checkpointing": (
+        {**LORA, "method": {"kind": "qlora"}},
+        ["method.qlora.compute_dtype=float32", "train.gradient_checkpointing=true"],
+        1,
+    ),
+    "fsdp 2 ranks, full": (FULL, ["distributed.strategy=fsdp", "train.gradient_checkpointing=true"], 2),
+    "zero2 2 ranks, full": (FULL, ["distributed.strategy=deepspeed", "distributed.zero_stage=2", GC], 2),
+    "zero3 2 ranks, full": (FULL, ["distributed.strategy=deepspeed", "distributed.zero_stage=3", GC], 2),
 }
 
 

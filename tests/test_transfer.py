@@ -202,6 +202,83 @@ def test_every_example_config_is_valid(models: dict, toy_data: dict, example: st
     classify = "task: sequence_classification" in path.read_text()
     data = toy_data["classification" if classify else "chat"]
     model = models["bert" if classify else "llama"]
-    cfg = load_config(path, [f"model.path={model}", f"data.train={data}", f"data.eval={data}"])
+    overrides = [f"model.path={model}", f"data.train={data}", f"data.eval={data}"]
+    if "reference:" in path.read_text():
+        overrides.append(f"data.reference={toy_data['text']}")
+    cfg = load_config(path, overrides)
     assert "# " in path.read_text().splitlines()[0] and "python" in path.read_text()  # opens with its command
     assert cfg.output_dir
+
+
+def test_l2sp_with_weight_zero_is_the_plain_run(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    runs = {}
+    for name, extra in (("plain", {}), ("zero", {"l2sp": {"weight": 0.0}})):
+        cfg = base_config(
+            tmp_path / name,
+            models["llama"],
+            toy_data["completion"],
+            method={"kind": "full"},
+            train={"max_steps": 3, "lr": 1e-2, **extra},
+        )
+        (tmp_path / name).mkdir()
+        runs[name], _ = _train(tmp_path / name, cfg, 0)
+    losses = {k: [r["loss"] for r in read_metrics(v) if "loss" in r] for k, v in runs.items()}
+    assert losses["zero"] == losses["plain"]
+    a, b = (load_file(runs[k] / "final" / "model.safetensors") for k in ("plain", "zero"))
+    assert all(a[n].equal(b[n]) for n in a)
+
+
+@pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
+def test_l2sp_holds_weights_near_the_pretrained_and_logs_its_penalty(
+    tmp_path: Path, models: dict, toy_data: dict, strategy: str
+) -> None:
+    dist, nproc = STRATEGIES[strategy]
+    base = load_file(models["llama"] / "model.safetensors")
+    drift, penalties = {}, {}
+    for name, weight in (("plain", 0.0), ("l2sp", 100.0)):
+        (tmp_path / name).mkdir()
+        cfg = base_config(
+            tmp_path / name,
+            models["llama"],
+            toy_data["completion"],
+            method={"kind": "full"},
+            train={"max_steps": 6, "lr": 1e-2, "l2sp": {"weight": weight}},
+            distributed=dist if weight else {},
+        )
+        run, _ = _train(tmp_path / name, cfg, nproc if weight else 0)
+        final = load_file(run / "final" / "model.safetensors")
+        drift[name] = sum(float((final[n].float() - base[n].float()).pow(2).sum()) for n in base)
+        penalties[name] = [r.get("l2sp_penalty") for r in read_metrics(run) if "loss" in r]
+    assert penalties["plain"] == [None] * 6  # off: no metric
+    assert penalties["l2sp"][-1] == pytest.approx(100.0 / 2 * drift["l2sp"], rel=1e-4)  # recomputed from saved
+    assert drift["l2sp"] < 0.25 * drift["plain"], drift
+
+
+@pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
+def test_virtual_token_methods_train_only_their_tokens_and_reload(
+    tmp_path: Path, models: dict, toy_data: dict, kind: str
+) -> None:
+    from peft import PeftModel
+    from test_train import _eval_loss_of
+    from transformers import AutoModelForCausalLM
+
+    settings = {"num_virtual_tokens": 4} | ({"init_text": "reverse these words"} if kind == "prompt_tuning" else {})
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method={"kind": kind, kind: settings},
+        data={"eval": str(toy_data["completion"])},
+        train={"max_steps": 4, "lr": 3e-2},
+    )
+    run, log = _train(tmp_path, cfg, 0)
+    saved = load_file(run / "final" / "adapter_model.safetensors")
+    assert saved and all("prompt" in n for n in saved), list(saved)  # only the virtual tokens were saved
+    assert "trainable=" in log and f"trainable={sum(t.numel() for t in saved.values()):,}" in log
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(models["llama"]), run / "final")
+    trained_eval = [r["eval_loss"] for r in read_metrics(run) if "eval_loss" in r][-1]
+    assert _eval_loss_of(reloaded, run / "final", toy_data["completion"]) == pytest.approx(trained_eval, rel=1e-4)
+    base = AutoModelForCausalLM.from_pretrained(models["llama"])
+    assert _eval_loss_of(base, run / "final", toy_data["completion"]) != pytest.approx(trained_eval, rel=1e-3)
+    packed = ftl("validate", str(run / "config.yaml"), "data.packing=true")
+    assert packed.returncode == 2 and "cannot follow a packed row" in packed.stderr

@@ -161,6 +161,16 @@ class Strategy(ABC):
         if self.scaler and extra["scaler"]:
             self.scaler.load_state_dict(extra["scaler"])
 
+    def optimizer_tensors(self) -> list[tuple[dict, torch.Tensor]]:
+        """(param group, tensor) for every tensor the optimizer steps: the parameters, or their shards."""
+        return [(g, p) for g in self.optimizer.param_groups for p in g["params"]]
+
+    def optimizer_holds_shards(self) -> bool:
+        """Whether each rank's optimizer holds only its share of the trained weights."""
+        from launcher.strategies.traits import traits
+
+        return "optimizer" in traits(self.name).sharded_state(getattr(self, "stage", 0))
+
     def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(trainable_parameters(self.unwrapped))
 

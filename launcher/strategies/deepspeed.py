@@ -137,7 +137,16 @@ class DeepSpeedStrategy(Strategy):
         self.engine = self.model = engine
         # ftl sets param_groups[i]["lr"] here: the torch optimizer DeepSpeed's ZeRO wrapper actually steps.
         self.optimizer = getattr(ds_optimizer, "optimizer", ds_optimizer)
+        self._zero = ds_optimizer
         return engine
+
+    def optimizer_tensors(self) -> list[tuple[dict, torch.Tensor]]:
+        """ZeRO-3 hands its torch optimizer each flat fp32 partition only while stepping it: ask the wrapper."""
+        flats = getattr(self._zero, "fp32_partitioned_groups_flat", None)
+        if flats is None:
+            return super().optimizer_tensors()
+        groups = self.optimizer.param_groups
+        return [(groups[self._zero.sub_group_to_group_id[i]], t) for i, t in enumerate(flats)]
 
     @property
     def unwrapped(self) -> nn.Module:
