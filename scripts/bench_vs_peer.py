@@ -143,6 +143,7 @@ VARIANTS: list[tuple[str, str, bool | str]] = [
     ("ftl", "padding-free", "auto"),
     ("ftl", "padding-free", True),
     ("TRL", "packing", True),
+    ("TRL + tcmalloc", "packing", True),
     ("ftl", "packing", "auto"),
     ("ftl", "packing", True),
 ]
@@ -155,9 +156,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rows", type=int, default=300)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--only", default="", help="run only the variants whose label contains this (e.g. padding)")
+    ap.add_argument("--only", default="", help="comma-separated: run the variants whose label contains any")
+    ap.add_argument("--peer", default="TRL", help="the rows ratios are taken against: TRL or 'TRL + tcmalloc'")
     args = ap.parse_args()
-    variants = [v for v in VARIANTS if args.only in label(v)]
+    wanted = [w for w in args.only.split(",") if w] or [""]
+    variants = [v for v in VARIANTS if any(w in label(v) for w in wanted)]
     if args.model is None:
         from demo_model import ensure_model
 
@@ -200,10 +203,10 @@ def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], ar
         f"micro batch {args.batch}, max length 256, {args.steps} steps, "
         f"{args.repeats} interleaved repeats (median, spread)\n"
     )
-    print("| run | useful tokens/s | vs TRL | peak RSS GB | vs TRL | wall s |")
+    print(f"| run | useful tokens/s | vs {args.peer} | peak RSS GB | vs {args.peer} | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
     for v in results:
-        peer = ("TRL", "packing" if v[1] == "packing" else "padding", True)
+        peer = (args.peer, "packing" if v[1] == "packing" else "padding", True)
         if peer not in results:
             results[peer] = [{"tokens_per_s": float("nan"), "rss_gb": float("nan")}]
         tps, rss = med(v, "tokens_per_s"), med(v, "rss_gb")
