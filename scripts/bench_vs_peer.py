@@ -5,11 +5,13 @@
 
 Default model: SmolLM2-135M-Instruct (the demo's, converted once into the ftl cache). Data: variable-length
 chat rows (2–40 words per turn). Both sides: LoRA r=16 alpha 32 on all linear layers, fp32, micro batch 8,
-max length 256, AdamW lr 1e-3, CPU, gradient checkpointing on (both tools' default; ftl also without it).
-Each run is its own process; runs are interleaved (every variant once, then again) so a slow spell of the
-machine hits every variant alike. Reported per variant: useful (non-padding) tokens/s, the median over
-steps 2..N of one run, then the median and spread over repeats; peak RSS of the run's process tree; wall
-time of the whole process. Numbers, not assertions.
+max length 256, AdamW lr 1e-3, CPU. TRL runs with its defaults (gradient checkpointing on, padding), also
+with tcmalloc preloaded (the allocator ftl picks for itself); ftl with its defaults (padding-free batches,
+checkpointing `auto`) and with checkpointing forced on. Each run is its own process; runs are interleaved
+(every variant once, then again) so a slow spell of the machine hits every variant alike. Reported per
+variant: useful (non-padding) tokens/s, the median over steps 2..N of one run, then the median and spread
+over repeats; peak RSS of the run's process tree; wall time of the whole process. `--peer` names the rows
+the ratios are taken against. Numbers, not assertions.
 """
 
 from __future__ import annotations
