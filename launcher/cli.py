@@ -121,7 +121,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     listen_early(cfg.checkpoint.stop_signals)  # before the heavy imports below
     from launcher.trainer import run_training
 
-    return run_training(cfg)
+    code = run_training(cfg)
+    from launcher.launch.world import env_world
+
+    if env_world()[1] > 1:
+        # A rank leaves without interpreter finalisation: the run is over, saved, and its process group
+        # destroyed, but now and then a gloo worker thread still met teardown and aborted the rank
+        # ("terminate called without an active exception") after a complete run (seen in CI).
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
