@@ -142,6 +142,23 @@ def evaluate_splits(
     return out
 
 
+def measure_reference_start(
+    strategy: Strategy,
+    data: DataSplits,
+    cfg: Config,
+    env: DistEnv,
+    collate: Collator,
+    state: TrainState,
+    writer: MetricsWriter | None,
+) -> None:
+    """data.reference: its loss on the untouched model (a fresh run's step 0), the base forgetting is measured from."""
+    if data.reference is None or state.step != 0:
+        return
+    state.reference_start = evaluate_splits(strategy, data, cfg, env, collate, task=False)["reference_loss"]
+    if writer:
+        writer.write({"step": 0, "reference_loss": state.reference_start})
+
+
 def report_forgetting(state: TrainState, metrics: dict[str, float], steps: int) -> None:
     """At the end: how far the reference loss rose from the pre-trained model's."""
     if state.step == steps and state.reference_start is not None and "reference_loss" in metrics:
@@ -297,10 +314,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     first_step = state.step
     if stop.agreed()[0]:  # asked to stop while starting: the state is the checkpoint's, nothing new to save
         return stopped_early(writer, stop, state, out_dir, env, saved=False)
-    if data.reference is not None and state.step == 0:  # forgetting is measured from the untouched model
-        state.reference_start = evaluate_splits(strategy, data, cfg, env, collate, task=False)["reference_loss"]
-        if writer:
-            writer.write({"step": 0, "reference_loss": state.reference_start})
+    measure_reference_start(strategy, data, cfg, env, collate, state, writer)
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, collate)
         if l2sp is not None:
