@@ -121,17 +121,19 @@ def cmd_train(args: argparse.Namespace) -> int:
     listen_early(cfg.checkpoint.stop_signals)  # before the heavy imports below
     from launcher.trainer import run_training
 
-    code = run_training(cfg)
+    return run_training(cfg)
+
+
+def _leave_rank(code: int) -> None:
+    """End a rank process of a multi-rank run without interpreter finalisation. The run is over, saved, and
+    its process group destroyed, but now and then a gloo worker thread still met teardown and aborted the
+    rank ("terminate called without an active exception", exit 250) after a complete run (seen in CI)."""
     from launcher.launch.world import env_world
 
     if env_world()[1] > 1:
-        # A rank leaves without interpreter finalisation: the run is over, saved, and its process group
-        # destroyed, but now and then a gloo worker thread still met teardown and aborted the rank
-        # ("terminate called without an active exception") after a complete run (seen in CI).
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
-    return code
 
 
 def cmd_check(args: argparse.Namespace) -> int:
@@ -182,8 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"train": cmd_train, "validate": cmd_validate, "check": cmd_check, "export": cmd_export}
     handler = {**commands, "estimate": cmd_estimate, "slurm": cmd_slurm}[args.command]
     try:
-        return handler(args)
+        code = handler(args)
     except ConfigError as err:
         return _problems(err)
     except KeyboardInterrupt:
         return 130
+    if argv is None and args.command == "train":  # the process's own entry, not a caller in the same process
+        _leave_rank(code)
+    return code
