@@ -97,8 +97,21 @@ class MethodConfig(_Section):
 DataFormat = Literal["chat", "alpaca", "completion", "text", "classification"]
 
 
+class TaskSource(_Section):
+    """One task of a multi-task run (an item of data.train)."""
+
+    path: str = Field(description="The task's training file: JSONL, JSON, CSV or Parquet.")
+    format: DataFormat | None = Field(None, description="How its rows are rendered; defaults to data.format.")
+    weight: float = Field(1.0, gt=0, description="Its share of every global batch (weights are normalised).")
+    name: str | None = Field(None, description="Name in metrics (`loss/<name>`); defaults to the file's stem.")
+
+
 class DataConfig(_Section):
-    train: str | list[str] = Field("", description="Training file(s): JSONL, JSON, CSV or Parquet.")
+    train: str | list[str] | list[TaskSource] = Field(
+        "",
+        description="Training file(s): JSONL, JSON, CSV or Parquet. A list of {path, format, weight, name} is "
+        "a multi-task mix: each global batch draws the tasks by weight, and each task's loss is logged.",
+    )
     eval: str | list[str] | None = Field(None, description="Optional held-out file(s).")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Split this share of train off as eval.")
     format: DataFormat = Field("chat", description="How rows are rendered into tokens.")
@@ -123,6 +136,17 @@ class DataConfig(_Section):
         description="Rows whose every answer token is cut by max_seq_len are dropped (and "
         "reported); more than this share of a split is an error.",
     )
+
+    def tasks(self) -> list[TaskSource] | None:
+        """The tasks of a multi-task run (data.train given as {path, ...} items), else None."""
+        if isinstance(self.train, list) and self.train and isinstance(self.train[0], TaskSource):
+            return list(self.train)
+        return None
+
+    def task_names(self) -> list[str] | None:
+        """Metric names of the tasks: `name`, else the file's stem."""
+        tasks = self.tasks()
+        return None if tasks is None else [t.name or Path(t.path).stem for t in tasks]
 
 
 class StlrSettings(_Section):

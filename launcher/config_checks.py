@@ -46,6 +46,7 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
         )
     p += model_path_problems(cfg)
     p += transfer_problems(cfg)
+    p += task_problems(cfg)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
     p += strategy_problems(cfg, cfg.distributed.strategy, cuda)
@@ -129,6 +130,22 @@ def cuda_available() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available()
+
+
+def task_problems(cfg: Config) -> list[str]:
+    """A multi-task data.train: causal-LM tasks (a classification head has one label set), distinct names."""
+    tasks = cfg.data.tasks()
+    if tasks is None:
+        return []
+    p: list[str] = []
+    for i, t in enumerate(tasks):
+        if (t.format or cfg.data.format) == "classification":
+            p.append(f"data.train[{i}].format: multi-task mixes causal-LM tasks; classification rows cannot join")
+    names = cfg.data.task_names()
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        p.append(f"data.train: task name(s) {', '.join(twice)} appear twice; give each task a distinct `name`")
+    return p
 
 
 def transfer_problems(cfg: Config) -> list[str]:

@@ -18,6 +18,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +29,53 @@ from launcher import loss_models
 from launcher.data.formats import IGNORE
 
 _LABELS: ContextVar[torch.Tensor | None] = ContextVar("ftl_labels", default=None)
+_TASKS: ContextVar[tuple[torch.Tensor, TaskLosses] | None] = ContextVar("ftl_tasks", default=None)
+
+
+@dataclass
+class TaskLosses:
+    """Per-task loss sums and label counts over the batches of a step (multi-task logging; no gradient)."""
+
+    sums: torch.Tensor
+    counts: torch.Tensor
+
+    @classmethod
+    def zeros(cls, num_tasks: int) -> TaskLosses:
+        return cls(torch.zeros(num_tasks, dtype=torch.float64), torch.zeros(num_tasks, dtype=torch.float64))
+
+    def add(self, losses: torch.Tensor, tasks: torch.Tensor) -> None:
+        """Add per-position `losses` to the sums of their `tasks` (-1: none)."""
+        keep = tasks >= 0
+        index = tasks[keep].cpu()
+        self.sums.index_add_(0, index, losses.detach()[keep].double().cpu())
+        self.counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
+
+
+def loss_sum(
+    model: nn.Module, batch: dict[str, torch.Tensor], task_losses: TaskLosses | None = None
+) -> tuple[torch.Tensor, int]:
+    """Summed loss over the batch's label tokens (or rows), and correct predictions for classification.
+    With `task_losses` and a multi-task batch (`task_ids`), each task's share of the sum is added to it."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    if "labels" not in batch:
+        logits = model(**inputs).logits.float()
+        labels = batch["class_labels"]
+        correct = int((logits.argmax(-1) == labels).sum())
+        return F.cross_entropy(logits, labels, reduction="sum"), correct
+    tasks = batch.get("task_ids") if task_losses is not None else None
+    with labels_for_head(batch["labels"], None if tasks is None else (tasks, task_losses)):
+        out = model(**inputs).logits
+    if out.ndim == 0:  # the output layer computed the label-only loss
+        return out, 0
+    logits = out.float()
+    labels = aligned_labels(batch["labels"], logits.size(1))[:, 1:].reshape(-1)
+    shifted = logits[:, :-1].reshape(-1, logits.size(-1))
+    if tasks is None:
+        return F.cross_entropy(shifted, labels, ignore_index=IGNORE, reduction="sum"), 0
+    losses = F.cross_entropy(shifted, labels, ignore_index=IGNORE, reduction="none")
+    owners = aligned_labels(tasks, logits.size(1), fill=-1)[:, 1:].reshape(-1)
+    task_losses.add(losses, torch.where(labels != IGNORE, owners, -1))
+    return losses.sum(), 0
 
 
 def install_label_only_head(model: nn.Module) -> bool:
@@ -42,32 +90,41 @@ def install_label_only_head(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def labels_for_head(labels: torch.Tensor) -> Iterator[None]:
-    """While active, a switched output layer returns the summed loss over `labels` (shifted by one)."""
-    token = _LABELS.set(labels)
+def labels_for_head(labels: torch.Tensor, tasks: tuple[torch.Tensor, TaskLosses] | None = None) -> Iterator[None]:
+    """While active, a switched output layer returns the summed loss over `labels` (shifted by one), and adds
+    each task's share to `tasks` = (per-token task ids, sums) when given."""
+    token, task_token = _LABELS.set(labels), _TASKS.set(tasks)
     try:
         yield
     finally:
         _LABELS.reset(token)
+        _TASKS.reset(task_token)
 
 
 def _head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     labels = _LABELS.get()
     if labels is None or hidden.shape[0] != labels.shape[0] or hidden.shape[1] < labels.shape[1]:
         return F.linear(hidden, head.weight, head.bias)
-    return label_loss_sum(hidden, head.weight, head.bias, aligned_labels(labels, hidden.shape[1]))
+    tasks = _TASKS.get()
+    if tasks is not None:
+        tasks = (aligned_labels(tasks[0], hidden.shape[1], fill=-1), tasks[1])
+    return label_loss_sum(hidden, head.weight, head.bias, aligned_labels(labels, hidden.shape[1]), tasks)
 
 
-def aligned_labels(labels: torch.Tensor, length: int) -> torch.Tensor:
-    """Labels for `length` positions: prompt tuning prepends virtual tokens, which carry no label."""
+def aligned_labels(labels: torch.Tensor, length: int, fill: int = IGNORE) -> torch.Tensor:
+    """Labels (or task ids) for `length` positions: prompt tuning prepends virtual tokens, which carry none."""
     extra = length - labels.shape[1]
     if extra == 0:
         return labels
-    return torch.cat([labels.new_full((labels.shape[0], extra), IGNORE), labels], dim=1)
+    return torch.cat([labels.new_full((labels.shape[0], extra), fill), labels], dim=1)
 
 
 def label_loss_sum(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    tasks: tuple[torch.Tensor, TaskLosses] | None = None,
 ) -> torch.Tensor:
     """Σ cross-entropy of position t predicting labels[t+1], over label positions only, in fp32."""
     targets = labels[:, 1:]
@@ -75,15 +132,21 @@ def label_loss_sum(
     rows, wanted = hidden[:, :-1][keep], targets[keep]
     if rows.shape[0] == 0:
         return hidden.float().sum() * 0.0  # no labels: zero, still connected to the graph
+    owners = tasks[0][:, 1:][keep] if tasks is not None else None
     step = max(1, loss_models.CHUNK_ELEMENTS // weight.shape[0])
     total = None
     for i in range(0, rows.shape[0], step):
-        part = checkpoint(_chunk_loss, rows[i : i + step], weight, bias, wanted[i : i + step], use_reentrant=False)
+        chunk = (rows[i : i + step], weight, bias, wanted[i : i + step], owners is not None)
+        part = checkpoint(_chunk_loss, *chunk, use_reentrant=False)
+        if owners is not None:
+            tasks[1].add(part, owners[i : i + step])
+            part = part.sum()
         total = part if total is None else total + part
     return total
 
 
 def _chunk_loss(
-    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wanted: torch.Tensor
+    rows: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wanted: torch.Tensor, per_row: bool
 ) -> torch.Tensor:
-    return F.cross_entropy(F.linear(rows, weight, bias).float(), wanted, reduction="sum")
+    logits = F.linear(rows, weight, bias).float()
+    return F.cross_entropy(logits, wanted, reduction="none" if per_row else "sum")

@@ -15,10 +15,10 @@ from typing import Any
 import yaml
 
 from launcher.config import Config, ConfigError
-from launcher.data.splits import DataSplits, read_splits
+from launcher.data.splits import DataSplits, read_splits, tokenize_tasks
 from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
-from launcher.data.tokenized import cache_dir
+from launcher.data.tokenized import Samples, cache_dir
 from launcher.launch.world import env_world
 from launcher.run_lock import lock_output_dir
 
@@ -102,14 +102,22 @@ def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        train = _tokenize(raw.train, cfg, tokenizer, "data.train", build=True)
-        evals = _tokenize(raw.eval, cfg, tokenizer, "data.eval", build=True) if raw.eval else None
+        train = _tokenized(raw.train, raw.train_parts, cfg, tokenizer, "data.train")
+        evals = _tokenized(raw.eval, raw.eval_parts, cfg, tokenizer, "data.eval") if raw.eval else None
         ref = _tokenize(raw.reference, cfg, tokenizer, "data.reference", build=True) if raw.reference else None
     return DataSplits(
         train=_finish(train, cfg, training=True),
         eval=_finish(evals, cfg, training=False) if evals is not None else None,
         reference=ref,
+        task_names=cfg.data.task_names(),
     )
+
+
+def _tokenized(rows: list[dict], parts: list[int] | None, cfg: Config, tokenizer: Any, field: str) -> Samples:
+    """One split tokenised: as one piece, or (multi-task) task by task."""
+    if parts is None:
+        return _tokenize(rows, cfg, tokenizer, field, build=True)
+    return tokenize_tasks(rows, parts, cfg, tokenizer, field)
 
 
 def check_inputs(cfg: Config, world_size: int | None = None) -> None:

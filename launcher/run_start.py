@@ -41,6 +41,20 @@ def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: Globa
             f"{env.world_size} ranks = {sampler.global_batch} samples; {sampler.steps_per_epoch} steps/epoch; "
             f"{steps} steps"
         )
+        describe_tasks(cfg, sampler)
+
+
+def describe_tasks(cfg: Config, sampler: GlobalBatchSampler) -> None:
+    """Multi-task: each task's samples and share of the global batch."""
+    tasks, names = cfg.data.tasks(), cfg.data.task_names()
+    if tasks is None:
+        return
+    total = sum(t.weight for t in tasks)
+    shares = [
+        f"{n}: {size} samples, weight {t.weight / total:.1%} = {t.weight / total * sampler.global_batch:.3g}/batch"
+        for n, t, size in zip(names, tasks, sampler.task_sizes, strict=True)
+    ]
+    log("tasks: " + "; ".join(shares))
 
 
 def check_room(cfg: Config, strategy: Strategy, env: DistEnv) -> None:

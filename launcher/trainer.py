@@ -15,16 +15,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainState, disk_full
 from launcher.config import Config, ConfigError
 from launcher.config_checks import strategy_problems
-from launcher.data import Collator, DataSplits, GlobalBatchSampler, Samples, label_token_count
+from launcher.data import Collator, DataSplits, GlobalBatchSampler, MixtureSampler, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from launcher.evaluation import evaluate_splits, measure_reference_start, report_forgetting, to_device
 from launcher.l2sp import L2SP
-from launcher.loss import aligned_labels, labels_for_head
+from launcher.loss import TaskLosses, loss_sum
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
 from launcher.model import load_tokenizer
 from launcher.optim import group_lrs, lr_factor, optimizer_factory, set_lr, unfreeze_period
@@ -52,30 +51,6 @@ def total_steps(cfg: Config, sampler: GlobalBatchSampler) -> int:
     return max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
 
 
-def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Summed loss over the batch's label tokens (or rows), and correct predictions for classification."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
-    if "labels" in batch:
-        with labels_for_head(batch["labels"]):
-            out = model(**inputs).logits
-        if out.ndim == 0:  # the output layer computed the label-only loss (launcher/loss.py)
-            return out, 0
-        logits = out.float()
-    else:
-        logits = model(**inputs).logits.float()
-    if "class_labels" in batch:
-        labels = batch["class_labels"]
-        correct = int((logits.argmax(-1) == labels).sum())
-        return F.cross_entropy(logits, labels, reduction="sum"), correct
-    labels = aligned_labels(batch["labels"], logits.size(1))[:, 1:]
-    shifted = logits[:, :-1].reshape(-1, logits.size(-1))
-    return F.cross_entropy(shifted, labels.reshape(-1), ignore_index=-100, reduction="sum"), 0
-
-
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
 def train_step(
     strategy: Strategy,
     micro: list[dict[str, torch.Tensor]],
@@ -83,87 +58,29 @@ def train_step(
     max_grad_norm: float | None,
     local_tokens: int,
     skip_nonfinite: bool = False,
-) -> tuple[float, float, int]:
+    num_tasks: int = 0,
+) -> tuple[float, float, int, list[float | None]]:
     """One optimizer step over this rank's micro-batches. Loss is normalised by the GLOBAL label count,
     so N ranks × micro-batches give exactly the gradient of one big batch.
 
-    Returns (global mean loss, grad norm, global non-padding tokens)."""
+    Returns (global mean loss, grad norm, global non-padding tokens, each task's mean loss (multi-task))."""
     local_count = sum(label_token_count(b) for b in micro)
     (global_count,) = all_reduce_sum([local_count], env)
     total = 0.0
+    per_task = TaskLosses.zeros(num_tasks) if num_tasks else None
     for m, batch in enumerate(micro):
         with strategy.no_sync(m == len(micro) - 1), strategy.autocast():
-            loss, _ = loss_sum(strategy.model, to_device(batch, env.device))
+            loss, _ = loss_sum(strategy.model, to_device(batch, env.device), per_task)
             loss = loss / max(global_count, 1)
         strategy.backward(loss)
         total += float(loss.detach())
-    loss_global, tokens = all_reduce_sum([total, local_tokens], env)
+    sums = [*per_task.sums.tolist(), *per_task.counts.tolist()] if per_task is not None else []
+    loss_global, tokens, *sums = all_reduce_sum([total, local_tokens, *sums], env)
+    task_means = [s / n if n else None for s, n in zip(sums[:num_tasks], sums[num_tasks:], strict=True)]
     if skip_nonfinite and not math.isfinite(loss_global):
         strategy.discard_step()
-        return loss_global, float("nan"), int(tokens)
-    return loss_global, strategy.step(max_grad_norm), int(tokens)
-
-
-@torch.no_grad()
-def evaluate(strategy: Strategy, samples: Samples, cfg: Config, env: DistEnv, collate: Collator) -> dict[str, float]:
-    """Mean eval loss (and accuracy for classification); every rank runs the same number of batches."""
-    model = strategy.model
-    model.eval()
-    mbs, world = cfg.train.micro_batch_size, env.world_size
-    n_chunks = math.ceil(len(samples) / (mbs * world))
-    if cfg.train.eval_batches:
-        n_chunks = min(n_chunks, cfg.train.eval_batches)
-    loss_total = count = correct = 0.0
-    for c in range(n_chunks):
-        start = c * mbs * world + env.rank * mbs
-        ids = list(range(start, min(start + mbs, len(samples))))
-        batch = collate(samples, ids or [0])
-        with strategy.autocast():
-            loss, right = loss_sum(model, to_device(batch, env.device))
-        if ids:
-            loss_total += float(loss)
-            count += label_token_count(batch)
-            correct += right
-    model.train()
-    loss_total, count, correct = all_reduce_sum([loss_total, count, correct], env)
-    out = {"eval_loss": loss_total / max(count, 1)}
-    if samples.class_labels is not None:
-        out["eval_accuracy"] = correct / max(count, 1)
-    return out
-
-
-def evaluate_splits(
-    strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, task: bool = True
-) -> dict[str, float]:
-    """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
-    out = evaluate(strategy, data.eval, cfg, env, collate) if task and data.eval is not None else {}
-    if data.reference is not None:
-        out["reference_loss"] = evaluate(strategy, data.reference, cfg, env, collate)["eval_loss"]
-    return out
-
-
-def measure_reference_start(
-    strategy: Strategy,
-    data: DataSplits,
-    cfg: Config,
-    env: DistEnv,
-    collate: Collator,
-    state: TrainState,
-    writer: MetricsWriter | None,
-) -> None:
-    """data.reference: its loss on the untouched model (a fresh run's step 0), the base forgetting is measured from."""
-    if data.reference is None or state.step != 0:
-        return
-    state.reference_start = evaluate_splits(strategy, data, cfg, env, collate, task=False)["reference_loss"]
-    if writer:
-        writer.write({"step": 0, "reference_loss": state.reference_start})
-
-
-def report_forgetting(state: TrainState, metrics: dict[str, float], steps: int) -> None:
-    """At the end: how far the reference loss rose from the pre-trained model's."""
-    if state.step == steps and state.reference_start is not None and "reference_loss" in metrics:
-        start, end = state.reference_start, metrics["reference_loss"]
-        log(f"forgetting: reference loss {start:.4f} -> {end:.4f} ({end - start:+.4f}, {end / start - 1:+.1%})")
+        return loss_global, float("nan"), int(tokens), task_means
+    return loss_global, strategy.step(max_grad_norm), int(tokens), task_means
 
 
 def run_training(cfg: Config) -> int:
@@ -186,8 +103,13 @@ def run_training(cfg: Config) -> int:
 
 
 def make_sampler(cfg: Config, env: DistEnv, data: DataSplits) -> GlobalBatchSampler:
-    t = cfg.train
-    sampler = GlobalBatchSampler(len(data.train), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+    t, tasks = cfg.train, cfg.data.tasks()
+    shape = (len(data.train), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+    if tasks is None:
+        sampler = GlobalBatchSampler(*shape)
+    else:
+        sizes = tuple(int((data.train.tasks == i).sum()) for i in range(len(tasks)))
+        sampler = MixtureSampler(*shape, task_sizes=sizes, weights=tuple(x.weight for x in tasks))
     if sampler.steps_per_epoch == 0:
         raise ConfigError(
             [
@@ -227,7 +149,8 @@ def optimizer_step(
     micro = [collate(data.train, ids) for ids in micro_ids]
     real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
     skip = cfg.train.nonfinite == "skip"
-    loss, norm, tokens = train_step(strategy, micro, env, cfg.train.max_grad_norm, real, skip)
+    names = data.task_names or []
+    loss, norm, tokens, task_means = train_step(strategy, micro, env, cfg.train.max_grad_norm, real, skip, len(names))
     state.step += 1
     nonfinite = not math.isfinite(loss) or (cfg.train.precision != "fp16" and not math.isfinite(norm))
     state.skipped_steps += nonfinite
@@ -248,6 +171,7 @@ def optimizer_step(
         "epoch": state.samples / len(data.train),
         "world_size": env.world_size,
     }
+    row.update({f"loss/{n}": v for n, v in zip(names, task_means, strict=True) if v is not None})
     if len(lrs) > 1:
         row["lr_groups"] = lrs
     scale = strategy.loss_scale()

@@ -15,7 +15,7 @@ from launcher.data import Collator, GlobalBatchSampler, collate, read_splits, to
 from launcher.data.batches import concat_is_cheaper
 from launcher.data.formats import IGNORE
 from launcher.data.tokenized import pack, tokenize_rows
-from launcher.trainer import loss_sum
+from launcher.loss import loss_sum
 
 
 def _cfg(tmp_path: Path, model: Path, data: Path, **data_section) -> Config:

@@ -16,7 +16,7 @@ from launcher import loss_models
 from launcher.data import collate
 from launcher.data.formats import IGNORE
 from launcher.data.tokenized import pack, tokenize_rows
-from launcher.trainer import loss_sum
+from launcher.loss import loss_sum
 
 
 def _batch(model_dir: Path, packed: bool = False) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from launcher.config import load_config
 from launcher.data import collate
 from launcher.data.tokenized import tokenize_rows
 from launcher.launch.allocator import find_tcmalloc
-from launcher.trainer import loss_sum
+from launcher.loss import loss_sum
 
 
 def _train(tmp_path: Path, cfg: dict, *overrides: str, nproc: int = 0) -> Path:

@@ -167,7 +167,7 @@ def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_da
 
     from launcher.data import collate
     from launcher.data.tokenized import tokenize_rows
-    from launcher.trainer import loss_sum
+    from launcher.loss import loss_sum
 
     cfg = base_config(
         tmp_path,

@@ -10,6 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "GlobalBatchSampler": "launcher.data.batches",
+    "MixtureSampler": "launcher.data.batches",
     "Collator": "launcher.data.batches",
     "collate": "launcher.data.batches",
     "label_token_count": "launcher.data.batches",

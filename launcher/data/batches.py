@@ -7,6 +7,8 @@ whatever the world size or grad_accum, and jumping to step k is O(1) (no dataloa
 
 from __future__ import annotations
 
+import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,6 +53,50 @@ class GlobalBatchSampler:
 
 
 @dataclass(frozen=True)
+class MixtureSampler(GlobalBatchSampler):
+    """Multi-task: every global batch holds each task's share by weight, exactly over time.
+
+    Of the first j slots of the endless stream of global-batch slots, task t owns floor(j·W_{t+1}) −
+    floor(j·W_t) (W: cumulative normalised weights, W_0 = 0, W_T = 1), so its count in any step is its share
+    of the batch, rounded without drift. Task t's n-th sample is its own seeded permutation (one per pass over
+    the task) at n; the batch is then shuffled with a per-step seed so that ranks and micro-batches mix the
+    tasks. Building step k costs O(batch), whatever k: resume jumps straight to it.
+    """
+
+    task_sizes: tuple[int, ...] = ()
+    weights: tuple[float, ...] = ()
+
+    def _before(self, step: int) -> list[int]:
+        """How many samples each task has given to the steps before `step`."""
+        total = sum(self.weights)
+        cumulative = [sum(self.weights[:t]) / total for t in range(len(self.weights))] + [1.0]
+        slots = step * self.global_batch
+        return [
+            math.floor(slots * cumulative[t + 1]) - math.floor(slots * cumulative[t]) for t in range(len(self.weights))
+        ]
+
+    def global_ids(self, step: int) -> np.ndarray:
+        """Sample ids (into the merged split: tasks in order) of global batch `step`."""
+        start, end = self._before(step), self._before(step + 1)
+        offsets = np.cumsum([0, *self.task_sizes])
+        ids = [
+            offsets[t] + self._task_sample(t, n) for t in range(len(self.task_sizes)) for n in range(start[t], end[t])
+        ]
+        order = np.random.default_rng([self.seed, len(self.task_sizes), step]).permutation(len(ids))
+        return np.asarray(ids, dtype=np.int64)[order]
+
+    def _task_sample(self, task: int, n: int) -> int:
+        """Index (within its task) of task `task`'s n-th drawn sample: one seeded permutation per pass."""
+        rounds, k = divmod(n, self.task_sizes[task])
+        return int(_permutation(self.seed, task, rounds, self.task_sizes[task])[k])
+
+
+@functools.lru_cache(maxsize=32)
+def _permutation(seed: int, task: int, rounds: int, size: int) -> np.ndarray:
+    return np.random.default_rng([seed, task, rounds]).permutation(size)
+
+
+@dataclass(frozen=True)
 class Collator:
     """Turns a micro-batch's sample ids into model inputs.
 
@@ -64,9 +110,13 @@ class Collator:
 
     def __call__(self, samples: Samples, ids: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         ids = [int(i) for i in ids]
-        if self._concatenate(samples, ids):
-            return collate(concatenated(samples, ids), [0], self.pad_id)
-        return collate(samples, ids, self.pad_id)
+        if not self._concatenate(samples, ids):
+            return collate(samples, ids, self.pad_id)
+        out = collate(concatenated(samples, ids), [0], self.pad_id)
+        if samples.tasks is not None:
+            tasks = [np.full(len(samples.input_ids[i]), samples.tasks[i]) for i in ids]
+            out["task_ids"] = torch.from_numpy(np.concatenate(tasks))[None]
+        return out
 
     def _concatenate(self, samples: Samples, ids: list[int]) -> bool:
         if not self.padding_free_width or samples.labels is None or samples.seq_ids is not None or len(ids) < 2:
@@ -106,6 +156,8 @@ def collate(samples: Samples, ids: np.ndarray | list[int], pad_id: int) -> dict[
         out["labels"] = labels
     if samples.class_labels is not None:
         out["class_labels"] = torch.from_numpy(samples.class_labels[ids])
+    if samples.tasks is not None:  # multi-task: each token's task (-1 on padding), for per-task losses
+        out["task_ids"] = torch.where(mask.bool(), torch.from_numpy(samples.tasks[ids])[:, None], -1)
     if samples.seq_ids is not None:
         out.update(_packed_inputs(samples, ids, length))
     return out

@@ -10,17 +10,30 @@ import numpy as np
 from launcher.config import Config, ConfigError
 from launcher.data.formats import require_chat_template
 from launcher.data.rows import load_split
-from launcher.data.tokenized import Samples, cache_dir, cache_key, load_samples, pack, save_samples, tokenize_rows
+from launcher.data.tokenized import (
+    Samples,
+    cache_dir,
+    cache_key,
+    load_samples,
+    merged,
+    pack,
+    save_samples,
+    subset,
+    tokenize_rows,
+)
 from launcher.launch.world import env_world
 
 
 @dataclass
 class RawSplits:
-    """Checked rows of train and (optional) eval."""
+    """Checked rows of train and (optional) eval. A multi-task run's rows are its tasks' rows in order,
+    `train_parts` (and `eval_parts` for an eval_fraction split) holding how many each task has."""
 
     train: list[dict]
     eval: list[dict] | None
     reference: list[dict] | None = None
+    train_parts: list[int] | None = None
+    eval_parts: list[int] | None = None
 
 
 @dataclass
@@ -30,43 +43,58 @@ class DataSplits:
     train: Samples
     eval: Samples | None
     reference: Samples | None = None  # data.reference: every token carries loss (forgetting)
+    task_names: list[str] | None = None  # multi-task: Samples.tasks index these
 
 
 def read_splits(cfg: Config) -> RawSplits:
     """Read and check all data files; raise ConfigError naming file and line. No tokenizer needed."""
     d = cfg.data
     problems: list[str] = []
-    train = evals = None
-    try:
-        train = load_split(d.train, d.format, "data.train", cfg.model.num_labels)
-    except ConfigError as err:
-        problems += err.problems
-    if d.eval:
+
+    def load(paths: str | list[str], fmt: str, field: str) -> list[dict]:
         try:
-            evals = load_split(d.eval, d.format, "data.eval", cfg.model.num_labels)
+            return load_split(paths, fmt, field, cfg.model.num_labels)
         except ConfigError as err:
-            problems += err.problems
-    reference = None
-    if d.reference:
-        try:
-            reference = load_split(d.reference, d.reference_format, "data.reference")
-        except ConfigError as err:
-            problems += err.problems
+            problems.extend(err.problems)
+            return []
+
+    tasks = d.tasks()
+    if tasks is None:
+        parts = [load(d.train, d.format, "data.train")]
+    else:
+        parts = [load(t.path, t.format or d.format, f"data.train[{i}]") for i, t in enumerate(tasks)]
+    evals = load(d.eval, d.format, "data.eval") if d.eval else None
+    reference = load(d.reference, d.reference_format, "data.reference") if d.reference else None
     if problems:
         raise ConfigError(problems)
+    eval_parts = None
     if d.eval_fraction > 0:
-        order = np.random.default_rng(cfg.train.seed).permutation(len(train))
-        n_eval = max(1, int(round(len(train) * d.eval_fraction)))
-        evals = [train[i] for i in order[:n_eval]]
-        train = [train[i] for i in sorted(order[n_eval:])]
-    return RawSplits(train=train, eval=evals, reference=reference)
+        cut = [_split_off(rows, d.eval_fraction, cfg.train.seed) for rows in parts]
+        parts, held = [kept for kept, _ in cut], [out for _, out in cut]
+        evals, eval_parts = [r for rows in held for r in rows], [len(rows) for rows in held]
+    return RawSplits(
+        train=[r for rows in parts for r in rows],
+        eval=evals,
+        reference=reference,
+        train_parts=None if tasks is None else [len(rows) for rows in parts],
+        eval_parts=None if tasks is None else eval_parts,
+    )
 
 
-def tokenize_split(rows: list[dict], cfg: Config, tokenizer: Any, field: str, build: bool) -> Samples | None:
+def _split_off(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(kept, held out): a seeded `fraction` of the rows held out for eval."""
+    order = np.random.default_rng(seed).permutation(len(rows))
+    n_eval = max(1, int(round(len(rows) * fraction)))
+    return [rows[i] for i in sorted(order[n_eval:])], [rows[i] for i in order[:n_eval]]
+
+
+def tokenize_split(
+    rows: list[dict], cfg: Config, tokenizer: Any, field: str, build: bool, fmt: str | None = None
+) -> Samples | None:
     """Tokenise via the on-disk cache. With build=False, only read an existing cache (None if absent).
     data.reference rows are in their own format, and every token of them carries loss."""
     d = cfg.data
-    fmt, mask_prompt = (d.reference_format, False) if field == "data.reference" else (d.format, d.mask_prompt)
+    fmt, mask_prompt = (d.reference_format, False) if field == "data.reference" else (fmt or d.format, d.mask_prompt)
     settings = {"format": fmt, "max_len": d.max_seq_len, "mask_prompt": mask_prompt}
     path = cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
     if path.exists():
@@ -79,6 +107,17 @@ def tokenize_split(rows: list[dict], cfg: Config, tokenizer: Any, field: str, bu
     if len(samples) > 0:
         save_samples(samples, path)
     return check_dropped(samples, len(rows), cfg, field)
+
+
+def tokenize_tasks(rows: list[dict], parts: list[int], cfg: Config, tokenizer: Any, field: str) -> Samples:
+    """Tokenise a multi-task split task by task (each in its own format); the merged samples know their task."""
+    tasks = cfg.data.tasks()
+    bounds = np.cumsum([0, *parts])
+    pieces = [
+        tokenize_split(rows[bounds[i] : bounds[i + 1]], cfg, tokenizer, f"{field}[{i}]", True, t.format)
+        for i, t in enumerate(tasks)
+    ]
+    return merged(pieces)
 
 
 def check_dropped(samples: Samples, total: int, cfg: Config, field: str) -> Samples:
@@ -106,7 +145,11 @@ def check_dropped(samples: Samples, total: int, cfg: Config, field: str) -> Samp
 
 
 def finish_split(samples: Samples, cfg: Config, training: bool) -> Samples:
-    """Pack the training split when asked (eval stays unpacked: its loss is per sample)."""
-    if training and cfg.data.packing:
+    """Pack the training split when asked (eval stays unpacked: its loss is per sample). A multi-task split is
+    packed task by task, so that each packed row belongs to one task."""
+    if not (training and cfg.data.packing):
+        return samples
+    if samples.tasks is None:
         return pack(samples, cfg.data.max_seq_len, cfg.train.seed)
-    return samples
+    ids = [np.flatnonzero(samples.tasks == t) for t in range(int(samples.tasks.max()) + 1)]
+    return merged([pack(subset(samples, i), cfg.data.max_seq_len, cfg.train.seed) for i in ids])

@@ -30,6 +30,7 @@ class Samples:
     position_ids: list[np.ndarray] | None = None  # packed rows only
     seq_ids: list[np.ndarray] | None = None  # packed rows only: which sample each token belongs to
     dropped: int = 0
+    tasks: np.ndarray | None = None  # multi-task: each sample's task index
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -166,4 +167,30 @@ def concatenated(samples: Samples, ids: list[int]) -> Samples:
         labels=[np.concatenate(labels)],
         position_ids=[np.concatenate([np.arange(len(samples.input_ids[i])) for i in ids])],
         seq_ids=[np.concatenate([np.full(len(samples.input_ids[i]), k) for k, i in enumerate(ids)])],
+    )
+
+
+def merged(parts: list[Samples]) -> Samples:
+    """Causal samples of several tasks as one split, each sample tagged with its task's index."""
+
+    def joined(field: str) -> list[np.ndarray] | None:
+        lists = [getattr(p, field) for p in parts]
+        return None if any(x is None for x in lists) else [a for x in lists for a in x]
+
+    return Samples(
+        input_ids=joined("input_ids"),
+        labels=joined("labels"),
+        position_ids=joined("position_ids"),
+        seq_ids=joined("seq_ids"),
+        dropped=sum(p.dropped for p in parts),
+        tasks=np.concatenate([np.full(len(p), t, dtype=np.int64) for t, p in enumerate(parts)]),
+    )
+
+
+def subset(samples: Samples, ids: np.ndarray) -> Samples:
+    """The chosen causal samples (unpacked) as a split of their own."""
+    return Samples(
+        input_ids=[samples.input_ids[i] for i in ids],
+        labels=[samples.labels[i] for i in ids],
+        dropped=0,
     )

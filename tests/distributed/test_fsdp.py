@@ -78,7 +78,7 @@ def _eval_loss(model: torch.nn.Module, tok_dir: Path, eval_file: Path) -> float:
 
     from launcher.data import collate
     from launcher.data.tokenized import tokenize_rows
-    from launcher.trainer import loss_sum
+    from launcher.loss import loss_sum
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     rows = [json.loads(x) for x in eval_file.read_text().splitlines()]

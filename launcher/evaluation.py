@@ -1,0 +1,94 @@
+"""Evaluation: the eval split's loss (per task too), the reference split's loss and the forgetting report."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from launcher.checkpoint import TrainState
+from launcher.config import Config
+from launcher.data import Collator, DataSplits, Samples, label_token_count
+from launcher.dist import DistEnv, all_reduce_sum
+from launcher.loss import TaskLosses, loss_sum
+from launcher.metrics import MetricsWriter, log
+from launcher.strategies.base import Strategy
+
+
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch's tensors on `device`."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(
+    strategy: Strategy,
+    samples: Samples,
+    cfg: Config,
+    env: DistEnv,
+    collate: Collator,
+    task_names: list[str] | None = None,
+) -> dict[str, float]:
+    """Mean eval loss (and accuracy for classification; each task's loss for a multi-task split); every rank
+    runs the same number of batches."""
+    model = strategy.model
+    model.eval()
+    mbs, world = cfg.train.micro_batch_size, env.world_size
+    n_chunks = math.ceil(len(samples) / (mbs * world))
+    if cfg.train.eval_batches:
+        n_chunks = min(n_chunks, cfg.train.eval_batches)
+    loss_total = count = correct = 0.0
+    per_task = TaskLosses.zeros(len(task_names)) if task_names and samples.tasks is not None else None
+    for c in range(n_chunks):
+        start = c * mbs * world + env.rank * mbs
+        ids = list(range(start, min(start + mbs, len(samples))))
+        batch = collate(samples, ids or [0])
+        with strategy.autocast():
+            loss, right = loss_sum(model, to_device(batch, env.device), per_task if ids else None)
+        if ids:
+            loss_total += float(loss)
+            count += label_token_count(batch)
+            correct += right
+    model.train()
+    sums = [*per_task.sums.tolist(), *per_task.counts.tolist()] if per_task is not None else []
+    loss_total, count, correct, *sums = all_reduce_sum([loss_total, count, correct, *sums], env)
+    out = {"eval_loss": loss_total / max(count, 1)}
+    if samples.class_labels is not None:
+        out["eval_accuracy"] = correct / max(count, 1)
+    half = len(sums) // 2
+    out.update({f"eval_loss/{n}": s / c for n, s, c in zip(task_names or [], sums[:half], sums[half:]) if c})
+    return out
+
+
+def evaluate_splits(
+    strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, task: bool = True
+) -> dict[str, float]:
+    """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
+    out = evaluate(strategy, data.eval, cfg, env, collate, data.task_names) if task and data.eval is not None else {}
+    if data.reference is not None:
+        out["reference_loss"] = evaluate(strategy, data.reference, cfg, env, collate)["eval_loss"]
+    return out
+
+
+def measure_reference_start(
+    strategy: Strategy,
+    data: DataSplits,
+    cfg: Config,
+    env: DistEnv,
+    collate: Collator,
+    state: TrainState,
+    writer: MetricsWriter | None,
+) -> None:
+    """data.reference: its loss on the untouched model (a fresh run's step 0), the base forgetting is measured from."""
+    if data.reference is None or state.step != 0:
+        return
+    state.reference_start = evaluate_splits(strategy, data, cfg, env, collate, task=False)["reference_loss"]
+    if writer:
+        writer.write({"step": 0, "reference_loss": state.reference_start})
+
+
+def report_forgetting(state: TrainState, metrics: dict[str, float], steps: int) -> None:
+    """At the end: how far the reference loss rose from the pre-trained model's."""
+    if state.step == steps and state.reference_start is not None and "reference_loss" in metrics:
+        start, end = state.reference_start, metrics["reference_loss"]
+        log(f"forgetting: reference loss {start:.4f} -> {end:.4f} ({end - start:+.4f}, {end / start - 1:+.1%})")
