@@ -256,9 +256,10 @@ def test_l2sp_holds_weights_near_the_pretrained_and_logs_its_penalty(
     assert drift["l2sp"] < 0.25 * drift["plain"], drift
 
 
+@pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
 @pytest.mark.parametrize("kind", ["prompt_tuning", "prefix_tuning"])
 def test_virtual_token_methods_train_only_their_tokens_and_reload(
-    tmp_path: Path, models: dict, toy_data: dict, kind: str
+    tmp_path: Path, models: dict, toy_data: dict, kind: str, strategy: str
 ) -> None:
     from peft import PeftModel
     from test_train import _eval_loss_of
@@ -272,8 +273,9 @@ def test_virtual_token_methods_train_only_their_tokens_and_reload(
         method={"kind": kind, kind: settings},
         data={"eval": str(toy_data["completion"])},
         train={"max_steps": 4, "lr": 3e-2},
+        distributed=STRATEGIES[strategy][0],
     )
-    run, log = _train(tmp_path, cfg, 0)
+    run, log = _train(tmp_path, cfg, STRATEGIES[strategy][1])
     saved = load_file(run / "final" / "adapter_model.safetensors")
     assert saved and all("prompt" in n for n in saved), list(saved)  # only the virtual tokens were saved
     assert "trainable=" in log and f"trainable={sum(t.numel() for t in saved.values()):,}" in log
@@ -284,3 +286,67 @@ def test_virtual_token_methods_train_only_their_tokens_and_reload(
     assert _eval_loss_of(base, run / "final", toy_data["completion"]) != pytest.approx(trained_eval, rel=1e-3)
     packed = ftl("validate", str(run / "config.yaml"), "data.packing=true")
     assert packed.returncode == 2 and "cannot follow a packed row" in packed.stderr
+
+
+CLASSIFICATION_CASES = {  # technique: (method, train) on an encoder + classification head
+    "freeze": ({"kind": "full", "freeze": {"embeddings": True, "bottom_layers": 1}}, {}),
+    "layer_lr_decay": ({"kind": "full"}, {"layer_lr_decay": 0.5}),
+    "stlr": ({"kind": "full"}, {"schedule": "stlr"}),
+    "gradual_unfreeze": ({"kind": "full"}, {"gradual_unfreeze": {"every_steps": 2}}),
+    "l2sp": ({"kind": "full"}, {"l2sp": {"weight": 10.0}}),
+    "adapter": ({"kind": "adapter", "adapter": {"size": 8}}, {}),
+}
+
+
+@pytest.mark.parametrize("technique", list(CLASSIFICATION_CASES))
+def test_each_technique_pairs_with_sequence_classification(
+    tmp_path: Path, models: dict, toy_data: dict, technique: str
+) -> None:
+    """BERT-shaped encoder + classification head: the head trains from step 1 under every technique, and each
+    technique's own effect holds (frozen = bitwise, group LRs = formula, penalty = recomputation, ...)."""
+    method, train = CLASSIFICATION_CASES[technique]
+    cfg = base_config(
+        tmp_path,
+        models["bert"],
+        toy_data["classification"],
+        model={"task": "sequence_classification"},
+        method=method,
+        data={"format": "classification"},
+        train={"max_steps": 4, "lr": 1e-2, **train},
+        checkpoint={"every_steps": 2, "keep_last": 10},
+    )
+    run, _ = _train(tmp_path, cfg, 0)
+    rows = [r for r in read_metrics(run) if "loss" in r]
+    base = load_file(models["bert"] / "model.safetensors")
+    if technique == "adapter":
+        saved = load_file(run / "final" / "adapter_model.safetensors")
+        assert saved and all("_adapter." in n or n.startswith("classifier.") for n in saved), list(saved)
+        assert not saved["classifier.weight"].equal(base["classifier.weight"])
+        return
+    final = load_file(run / "final" / "model.safetensors")
+    assert not final["classifier.weight"].equal(base["classifier.weight"])  # the head trained
+    encoder = [n for n in base if not n.startswith("classifier.")]
+    if technique == "freeze":
+        frozen = [n for n in encoder if ".embeddings." in n or ".layer.0." in n]
+        assert frozen and all(final[n].equal(base[n]) for n in frozen)
+        assert all(not final[n].equal(base[n]) for n in encoder if ".layer.1." in n and "weight" in n)
+    elif technique == "layer_lr_decay":
+        for r in rows:
+            g = r["lr_groups"]
+            top = g["head/new"]  # block l of L=2 at decay^(L-1-l): block 1 at the top LR, block 0 half, emb a quarter
+            assert (g["1"], g["0"], g["emb"]) == pytest.approx((top, 0.5 * top, 0.25 * top))
+    elif technique == "stlr":
+        t = TrainConfig(schedule="stlr", lr=1e-2, warmup_steps=0)
+        assert [r["lr"] for r in rows] == pytest.approx([1e-2 * lr_factor(s, t, 4) for s in range(4)])
+    elif technique == "gradual_unfreeze":
+        from launcher.export import checkpoint_weights
+        from launcher.methods import block_of
+
+        first = checkpoint_weights(run / "checkpoints" / "step-00000002")
+        below_head = [n for n in encoder if block_of(n, 2) < 2]  # the pooler sits above the blocks: the head's
+        assert below_head and all(first[n].equal(base[n]) for n in below_head)  # steps 1-2: the head alone
+        assert not first["classifier.weight"].equal(base["classifier.weight"])
+        assert any(not final[n].equal(base[n]) for n in encoder if ".layer.1." in n)  # then the top block
+    elif technique == "l2sp":
+        drift = sum(float((final[n].float() - base[n].float()).pow(2).sum()) for n in encoder)
+        assert rows[-1]["l2sp_penalty"] == pytest.approx(10.0 / 2 * drift, rel=1e-4)  # the head is not anchored
