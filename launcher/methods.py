@@ -121,5 +121,26 @@ def save_trained_model(cfg: Config, model: nn.Module, directory: Path, state: di
 
         save_adapter(model, directory, cfg.method.adapter, state if state is not None else adapter_state(model))
         return
+    if state is not None and cfg.method.kind in ("prompt_tuning", "prefix_tuning"):
+        _save_virtual_tokens(model, directory, state)
+        return
     extra = {} if state is None else {"state_dict": state}
     model.save_pretrained(directory, safe_serialization=True, **extra)
+
+
+def _save_virtual_tokens(model: nn.Module, directory: Path, state: dict) -> None:
+    """PEFT's prompt-learning adapter (`prompt_embeddings` + adapter_config.json) from gathered tensors: PEFT's
+    own save runs the prompt encoder, whose weight is a shard under FSDP or ZeRO-3."""
+    import copy
+
+    from safetensors.torch import save_file
+
+    config = model.peft_config["default"]
+    weight = next(v for k, v in state.items() if k.endswith("prompt_encoder.default.embedding.weight"))
+    is_prefix = config.peft_type.value == "PREFIX_TUNING"
+    rows = config.num_virtual_tokens * (1 if is_prefix else config.num_transformer_submodules)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({"prompt_embeddings": weight[:rows].contiguous()}, str(directory / "adapter_model.safetensors"))
+    saved = copy.deepcopy(config)
+    saved.inference_mode = True  # as PEFT saves it: loading makes it trainable again only when asked
+    saved.save_pretrained(str(directory))

@@ -176,9 +176,19 @@ class FSDPStrategy(Strategy):
                 for key, buf in module._buffers.items():
                     if buf is not None:
                         module._buffers[key] = buf.to(self.env.device)
-        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
-        set_model_state_dict(model, self._full_weights or {}, options=options)
+        # A module reachable under two names (PEFT prompt tuning's `word_embeddings` is the base model's
+        # embedding) is loaded once, under its first name; any other missing key is still an error.
+        aliases = second_names(model)
+        full = {k: v for k, v in (self._full_weights or {}).items() if k not in aliases}
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        result = set_model_state_dict(model, full, options=options)
         self._full_weights = None
+        missing = set(result.missing_keys) - aliases
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"rank 0's weights do not fit the model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(result.unexpected_keys)[:5]}"
+            )
         for buf in model.buffers():  # non-persistent ones (rotary inv_freq) are in no state dict
             dist.broadcast(buf, src=0)
 
@@ -292,3 +302,15 @@ def read_checkpoint_weights(model_dir: Path) -> dict[str, torch.Tensor]:
     }
     dcp.load({"model": model}, storage_reader=reader, no_dist=True)
     return model
+
+
+def second_names(model: nn.Module) -> set[str]:
+    """State-dict names of tensors already reachable under an earlier name (a module shared twice)."""
+    seen: set[int] = set()
+    later: set[str] = set()
+    tensors = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in tensors:
+        if id(tensor) in seen:
+            later.add(name)
+        seen.add(id(tensor))
+    return later
