@@ -169,8 +169,11 @@ def transfer_problems(cfg: Config) -> list[str]:
             f"data.packing: method.kind {cfg.method.kind} prepends virtual tokens to each row, which cannot "
             "follow a packed row's block-diagonal mask; set data.packing: false"
         )
-    if cfg.method.kind in ("prompt_tuning", "prefix_tuning") and cfg.model.task != "causal_lm":
-        p.append(f"method.kind: {cfg.method.kind} is wired for causal LMs (model.task: causal_lm)")
+    if cfg.method.kind == "prefix_tuning" and cfg.model.task != "causal_lm":
+        p.append(
+            "method.kind: prefix_tuning feeds past key values, which sequence-classification encoders do not take; "
+            "use prompt_tuning (or adapter) with model.task: sequence_classification"
+        )
     if cfg.data.reference and cfg.model.task != "causal_lm":
         p.append("data.reference: a reference loss needs a causal LM (model.task: causal_lm)")
     if cfg.train.l2sp.weight and cfg.method.kind != "full":

@@ -142,15 +142,16 @@ def virtual_token_config(cfg: Config) -> Any:
     """PEFT's prompt-tuning or prefix-tuning config from method.prompt_tuning / method.prefix_tuning."""
     from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
 
+    task = "SEQ_CLS" if cfg.model.task == "sequence_classification" else "CAUSAL_LM"
     if cfg.method.kind == "prefix_tuning":
-        return PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=cfg.method.prefix_tuning.num_virtual_tokens)
+        return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.method.prefix_tuning.num_virtual_tokens)
     s = cfg.method.prompt_tuning
     text = {"prompt_tuning_init": PromptTuningInit.RANDOM}
     if s.init_text:
         tokenizer = cfg.model.tokenizer or cfg.model.path
         text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": s.init_text}
         text["tokenizer_name_or_path"] = tokenizer
-    return PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=s.num_virtual_tokens, **text)
+    return PromptTuningConfig(task_type=task, num_virtual_tokens=s.num_virtual_tokens, **text)
 
 
 def param_numel(p: torch.Tensor) -> int:

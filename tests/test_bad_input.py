@@ -110,6 +110,10 @@ VALIDATE_CASES: dict[str, tuple[Setup, str]] = {
     "eval-and-eval-fraction": (lambda d: [f"data.eval={d / 'cfg.yaml'}", "data.eval_fraction=0.1"], "data.eval"),
     "format-unknown": (_set("data.format=xml"), "data.format"),
     "dropped-fraction-above-1": (_set("data.max_dropped_fraction=2"), "data.max_dropped_fraction"),
+    "prefix-tuning-classification": (
+        _set("method.kind=prefix_tuning", "data.format=classification", "model.task=sequence_classification"),
+        "prefix_tuning feeds past key values",
+    ),
     "packing-classification": (
         _set("data.packing=true", "data.format=classification", "model.task=sequence_classification"),
         "data.packing",

@@ -295,6 +295,7 @@ CLASSIFICATION_CASES = {  # technique: (method, train) on an encoder + classific
     "gradual_unfreeze": ({"kind": "full"}, {"gradual_unfreeze": {"every_steps": 2}}),
     "l2sp": ({"kind": "full"}, {"l2sp": {"weight": 10.0}}),
     "adapter": ({"kind": "adapter", "adapter": {"size": 8}}, {}),
+    "prompt_tuning": ({"kind": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 4}}, {}),
 }
 
 
@@ -322,6 +323,13 @@ def test_each_technique_pairs_with_sequence_classification(
         saved = load_file(run / "final" / "adapter_model.safetensors")
         assert saved and all("_adapter." in n or n.startswith("classifier.") for n in saved), list(saved)
         assert not saved["classifier.weight"].equal(base["classifier.weight"])
+        return
+    if technique.endswith("_tuning"):
+        saved = load_file(run / "final" / "adapter_model.safetensors")
+        head = [n for n in saved if "classifier.weight" in n]
+        assert "prompt_embeddings" in saved and head, list(saved)  # the virtual tokens and the new head only
+        assert all(n == "prompt_embeddings" or "classifier" in n for n in saved), list(saved)
+        assert not saved[head[0]].equal(base["classifier.weight"])
         return
     final = load_file(run / "final" / "model.safetensors")
     assert not final["classifier.weight"].equal(base["classifier.weight"])  # the head trained
