@@ -62,20 +62,30 @@ def build_optimizer(t: TrainConfig, layers: int, named: Iterable[tuple[str, nn.P
         optimizer = torch.optim.SGD(groups, lr=t.lr, momentum=0.9, weight_decay=t.weight_decay)
     else:
         optimizer = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay, foreach=False)
-    optimizer.register_step_pre_hook(_drop_inactive_gradients)
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: drop_inactive_gradients(opt))
     return optimizer
 
 
-def _drop_inactive_gradients(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+def drop_inactive_gradients(optimizer: torch.optim.Optimizer) -> None:
     """Scheduled-frozen groups (gradual unfreezing) step with no gradient at all: torch's and bitsandbytes'
     optimizers then skip the parameter entirely — no update, no weight decay, and no Adam moment builds up,
-    so a block starts from fresh moments when it thaws. Zero LR alone would still feed its moments. The hook
-    sits on the optimizer itself, so it also runs where DeepSpeed steps its flat fp32 partitions. (The clip
-    norm, taken before this, still counts those gradients.)"""
+    so a block starts from fresh moments when it thaws. Zero LR alone would still feed its moments. It runs
+    as the optimizer's step pre-hook (so also where DeepSpeed steps its flat fp32 partitions), and before the
+    clip norm is taken (strategies call it), so the norm counts only what trains."""
     for group in optimizer.param_groups:
         if not group.get("active", True):
             for p in group["params"]:
                 p.grad = None
+
+
+def zero_inactive_gradients_in_backward(optimizer: torch.optim.Optimizer) -> None:
+    """For engines that reduce and clip gradients themselves (DeepSpeed): a scheduled-frozen parameter's
+    gradient is zero from backward on, so the engine's norm counts only what trains. Call before the engine
+    takes the optimizer (its groups still hold the model's parameters; the group dicts stay the engine's)."""
+    for group in optimizer.param_groups:
+        if group.get("depth", 0) < group.get("layers", 0):  # a group gradual unfreezing can hold frozen
+            for p in group["params"]:
+                p.register_hook(lambda grad, g=group: grad if g.get("active", True) else torch.zeros_like(grad))
 
 
 def lr_factor(step: int, t: TrainConfig, total_steps: int) -> float:

@@ -358,3 +358,29 @@ def test_each_technique_pairs_with_sequence_classification(
     elif technique == "l2sp":
         drift = sum(float((final[n].float() - base[n].float()).pow(2).sum()) for n in encoder)
         assert rows[-1]["l2sp_penalty"] == pytest.approx(10.0 / 2 * drift, rel=1e-4)  # the head is not anchored
+
+
+@pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
+def test_gradual_unfreezing_clips_by_the_norm_of_what_trains(
+    tmp_path: Path, models: dict, toy_data: dict, strategy: str
+) -> None:
+    """Steps 1-2 train the head alone: the grad norm (which clipping divides by) must be the head's, equal to a
+    run where everything below the head is frozen outright — not counting the scheduled-frozen gradients."""
+    dist, nproc = STRATEGIES[strategy]
+    norms = {}
+    for name, method, train in (
+        ("gradual", {"kind": "full"}, {"gradual_unfreeze": {"every_steps": 4}}),
+        ("static", {"kind": "full", "freeze": {"embeddings": True, "bottom_layers": 2}}, {}),
+    ):
+        (tmp_path / name).mkdir()
+        cfg = base_config(
+            tmp_path / name,
+            models["llama"],
+            toy_data["completion"],
+            method=method,
+            train={"max_steps": 2, "lr": 1e-2, "max_grad_norm": 0.5, **train},
+            distributed=dist,
+        )
+        run, _ = _train(tmp_path / name, cfg, nproc)
+        norms[name] = [r["grad_norm"] for r in read_metrics(run) if "loss" in r]
+    assert norms["gradual"] == pytest.approx(norms["static"], rel=1e-5)

@@ -20,6 +20,7 @@ from torch import nn
 from launcher.config import Config
 from launcher.dist import DistEnv
 from launcher.methods import save_trained_model, trainable_parameters
+from launcher.optim import drop_inactive_gradients
 
 OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]  # trainable (name, param)
 
@@ -72,6 +73,7 @@ class Strategy(ABC):
         With train.nonfinite=skip a non-finite norm drops the update (fp16 leaves that to its scaler)."""
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
+        drop_inactive_gradients(self.optimizer)  # scheduled-frozen groups count in no norm
         params = [p for _, p in trainable_parameters(self.model)]
         norm = self.clip_grad_norm(params, max_grad_norm)
         if self.cfg.train.nonfinite == "skip" and not self.scaler and not math.isfinite(norm):

@@ -32,6 +32,7 @@ from launcher.dist import DistEnv
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES
+from launcher.optim import zero_inactive_gradients_in_backward
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
 from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, read_user_json, resolve_stage_offload
 
@@ -131,6 +132,7 @@ class DeepSpeedStrategy(Strategy):
             self.ds_config = build_ds_config(self.cfg, self.env.world_size, hidden)
         self._loaded_numel = sum(p.numel() for p in model.parameters())  # ZeRO-3 via zero.Init: ~0 of the base
         optimizer = make_optimizer(trainable_parameters(model))
+        zero_inactive_gradients_in_backward(optimizer)
         engine, ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config, dist_init_required=False
         )
