@@ -117,7 +117,7 @@ def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
     else:
         weights = (linear + other) * dtype
     adapted = method_traits(kind).adapters
-    trainable = adapters if adapted else linear + other
+    trainable = adapters if adapted else linear + other - frozen_by_config(cfg, shape, block)
     grad_bytes = 4 if adapted else dtype
     weights += adapters * 4 if adapted else 0
     return {
@@ -128,6 +128,15 @@ def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
         "block": block * (0.5 if kind == "qlora" else dtype),
         "params": linear + other,
     }
+
+
+def frozen_by_config(cfg: Config, shape: Shape, block: int) -> int:
+    """Pre-trained elements `method.freeze` keeps frozen under full fine-tuning: the bottom blocks' linear
+    layers and norms, and the input embeddings (tied: the output layer with them). Patterns are regexes
+    over parameter names, which config.json does not list: not counted."""
+    f = cfg.method.freeze
+    bottom = min(f.bottom_layers, shape.layers) * (block + 2 * shape.hidden)
+    return bottom + (shape.vocab * shape.hidden if f.embeddings else 0)
 
 
 def activation_bytes(cfg: Config, shape: Shape) -> dict[str, float]:

@@ -88,3 +88,21 @@ def test_estimate_reads_no_weights_and_imports_no_torch(models: dict, toy_data: 
     res = subprocess.run([sys.executable, "-c", code, str(path)], cwd=ROOT, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "| **peak** |" in res.stdout and "fits:" in res.stdout and "H100 (80 GiB)" in res.stdout
+
+
+def test_frozen_layers_leave_the_trainable_count(models: dict, toy_data: dict, tmp_path: Path) -> None:
+    """method.freeze: the estimate's trainable elements (hence gradients and optimizer state) equal what the
+    real model leaves trainable."""
+    from launcher.methods import freeze
+
+    raw = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "full"})
+    raw["method"]["freeze"] = {"embeddings": True, "bottom_layers": 1}
+    cfg = Config.model_validate(raw)
+    counted = parameter_bytes(cfg, read_shape(str(models["llama"])))
+    model = AutoModelForCausalLM.from_pretrained(models["llama"])
+    freeze(model, cfg)
+    assert counted["trainable"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    plain = parameter_bytes(
+        Config.model_validate({**raw, "method": {"kind": "full"}}), read_shape(str(models["llama"]))
+    )
+    assert counted["optimizer"] < plain["optimizer"]
