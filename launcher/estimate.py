@@ -6,7 +6,8 @@ Bytes are counted per rank:
   double quantisation); adapters train in fp32;
 - gradients (trainable only) and optimizer state (AdamW 8 bytes per trainable element, 8-bit AdamW 2, SGD 0);
 - sharding: FSDP shards weights, gradients and state and gathers one block at a time; ZeRO-1 shards the
-  state, ZeRO-2 also gradients, ZeRO-3 also weights; offloaded parts leave the device;
+  state, ZeRO-2 also gradients, ZeRO-3 also weights; DeepSpeed's optimizer steps its own fp32 copy of the
+  trained weights, partitioned like the state; offloaded parts leave the device;
 - activations of one micro-batch at max_seq_len (the worst case): the tensors each layer keeps for
   backward, or with gradient checkpointing only each layer's input plus one layer recomputed;
 - the loss: ftl's label-only loss works in chunks (launcher/loss.py), other models get full logits;
@@ -180,6 +181,9 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
     split = declared.sharded_state(stage)
     state = {"weights": p["weights"], "gradients": p["gradients"] * declared.gradient_copies}
     state["optimizer"] = p["optimizer"]
+    # DeepSpeed's ZeRO optimizer steps its own flat fp32 copy of the trained weights (even when they are fp32
+    # already), partitioned like the optimizer state
+    master = p["trainable"] * 4 / (world if "optimizer" in split else 1) if declared.fp32_master_copy else 0.0
     for part in split:
         state[part] /= world
     if "weights" in split:
@@ -188,12 +192,13 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
             state["weights"] = max(state["weights"], p["weights"])
     offload = cfg.distributed.offload or "none"
     if cuda and (cfg.distributed.fsdp_cpu_offload or offload in ("optimizer", "all")):
-        state["optimizer"] = 0.0
+        state["optimizer"] = master = 0.0
     if cuda and cfg.distributed.fsdp_cpu_offload:
         state["gradients"] = 0.0
     if cuda and (cfg.distributed.fsdp_cpu_offload or offload in ("params", "all")):
         state["weights"] = 2 * p["block"]
-    parts = {"weights": state["weights"], "gradients": state["gradients"], "optimizer state": state["optimizer"], **a}
+    parts = {"weights": state["weights"], "gradients": state["gradients"], "optimizer state": state["optimizer"]}
+    parts |= ({"fp32 master copy": master} if master else {}) | a
     parts["framework"] = CUDA_OVERHEAD if cuda else CPU_OVERHEAD
     parts["allocator slack"] = SLACK * sum(parts.values())
     return parts
