@@ -8,6 +8,8 @@ Bytes are counted per rank:
 - sharding: FSDP shards weights, gradients and state and gathers one block at a time; ZeRO-1 shards the
   state, ZeRO-2 also gradients, ZeRO-3 also weights; DeepSpeed's optimizer steps its own fp32 copy of the
   trained weights, partitioned like the state; offloaded parts leave the device;
+- gradients and activations peak apart where gradients are freed every step (torch strategies but DDP,
+  grad_accum 1): backward frees a layer's activations as it creates that layer's gradients;
 - activations of one micro-batch at max_seq_len (the worst case): the tensors each layer keeps for
   backward, or with gradient checkpointing only each layer's input plus one layer recomputed;
 - the loss: ftl's label-only loss works in chunks (launcher/loss.py), other models get full logits;
@@ -199,6 +201,11 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
         state["weights"] = 2 * p["block"]
     parts = {"weights": state["weights"], "gradients": state["gradients"], "optimizer state": state["optimizer"]}
     parts |= ({"fp32 master copy": master} if master else {}) | a
+    if declared.frees_gradients and cfg.train.grad_accum == 1:
+        # backward frees each layer's activations as it creates that layer's gradients, and no gradient
+        # outlives the step: the two peak apart (all activations at the start of backward, all gradients at
+        # its end), not together
+        parts["backward overlap"] = -min(parts["gradients"], parts["activations"])
     parts["framework"] = CUDA_OVERHEAD if cuda else CPU_OVERHEAD
     parts["allocator slack"] = SLACK * sum(parts.values())
     return parts

@@ -6,9 +6,10 @@ glibc and 3.7 GB under tcmalloc at the same speed (jemalloc: 3.6 GB but 16% slow
 threshold: 35% slower). LD_PRELOAD only takes effect when a process starts, so `ftl train` re-executes
 itself once with it set, before torch is imported. FTL_ALLOCATOR=system keeps glibc's malloc.
 
-Single-process runs only, for now: in CI two 2-rank gloo runs (of ~60) aborted at interpreter exit under
-tcmalloc ("terminate called without an active exception", after the run had finished and saved), which
-never happened under glibc; until that is understood, multi-rank runs keep glibc's malloc.
+Every rank of a multi-rank run re-executes itself the same way (`--nproc N`'s launcher process, which only
+spawns and waits, keeps glibc). An exit-time abort of finished gloo ranks ("terminate called without an
+active exception") seen in CI under both allocators is avoided by ranks leaving with os._exit after a
+complete run (launcher/cli.py).
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-
-from launcher.launch.world import env_world
 
 NAMES = ("libtcmalloc_minimal.so.4", "libtcmalloc.so.4")
 SEARCH_DIRS = ("/usr/lib/x86_64-linux-gnu", "/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64")
@@ -35,10 +34,11 @@ def find_tcmalloc() -> str | None:
 
 
 def use_tcmalloc(argv: list[str]) -> None:
-    """Re-execute this single-process command under tcmalloc if it is installed and not loaded yet; else return."""
+    """Re-execute this training process (a single process or one rank) under tcmalloc if it is installed and
+    not loaded yet; else return."""
     if os.environ.get("FTL_ALLOCATOR", "tcmalloc") == "system" or os.environ.get(REEXEC_MARK):
         return
-    if env_world()[1] > 1 or _spawns_ranks(argv):
+    if _spawns_ranks(argv):
         return
     if "tcmalloc" in os.environ.get("LD_PRELOAD", "") or sys.platform != "linux":
         return

@@ -25,6 +25,7 @@ class StrategyTraits:
     sharded: tuple[tuple[str, ...], ...] = ((),)
     gradient_copies: int = 1  # DDP's gradient buckets hold a second copy
     whole_model_on_rank0: bool = False  # rank 0 loads every weight into host memory before sharding
+    frees_gradients: bool = True  # gradients are freed after each step (not kept in persistent buffers)
 
     def sharded_state(self, stage: int) -> tuple[str, ...]:
         """What this strategy splits across ranks at this ZeRO stage (ignored where there are no stages)."""
@@ -46,7 +47,7 @@ _TORCH = StrategyTraits(
 )
 TRAITS = {
     "single": _TORCH,
-    "ddp": replace(_TORCH, gradient_copies=2),
+    "ddp": replace(_TORCH, gradient_copies=2, frees_gradients=False),
     "fsdp": StrategyTraits(
         family="fsdp",
         format="FSDP (torch.distributed.checkpoint)",
@@ -66,6 +67,7 @@ TRAITS = {
         skips_steps=False,
         fp32_master_copy=True,
         weights_reader="launcher.strategies.deepspeed",
+        frees_gradients=False,
         sharded=((), ("optimizer",), ("optimizer", "gradients"), ("optimizer", "gradients", "weights")),
     ),
 }
