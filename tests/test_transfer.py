@@ -159,7 +159,8 @@ def test_gradual_unfreezing_resumes_exactly_across_a_thaw(tmp_path: Path, models
     assert max_weight_diff(final_weights(run), final_weights(tmp_path / "straight")) <= 1e-6
 
 
-def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_data: dict) -> None:
+@pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
+def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_data: dict, strategy: str) -> None:
     import json
 
     import torch
@@ -176,8 +177,9 @@ def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_da
         method={"kind": "full"},
         data={"reference": str(toy_data["text"])},
         train={"max_steps": 6, "lr": 1e-2, "eval_every": 3},
+        distributed=STRATEGIES[strategy][0],
     )
-    run, log = _train(tmp_path, cfg, 0)
+    run, log = _train(tmp_path, cfg, STRATEGIES[strategy][1])
     refs = [(r["step"], r["reference_loss"]) for r in read_metrics(run) if "reference_loss" in r]
     assert [s for s, _ in refs] == [0, 3, 6]
     tok = AutoTokenizer.from_pretrained(models["llama"])
