@@ -133,14 +133,19 @@ def cuda_available() -> bool:
 
 
 def task_problems(cfg: Config) -> list[str]:
-    """A multi-task data.train: causal-LM tasks (a classification head has one label set), distinct names."""
+    """A multi-task data.train: every task fits the one head the run trains, distinct names."""
     tasks = cfg.data.tasks()
     if tasks is None:
         return []
     p: list[str] = []
+    classify = cfg.model.task == "sequence_classification"
     for i, t in enumerate(tasks):
-        if (t.format or cfg.data.format) == "classification":
-            p.append(f"data.train[{i}].format: multi-task mixes causal-LM tasks; classification rows cannot join")
+        if ((t.format or cfg.data.format) == "classification") != classify:
+            p.append(
+                f"data.train[{i}].format: '{t.format or cfg.data.format}' does not fit model.task='{cfg.model.task}' "
+                "(one run trains one head: classification tasks share the classification head, causal-LM tasks the "
+                "LM head; they cannot mix)"
+            )
     names = cfg.data.task_names()
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

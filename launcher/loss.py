@@ -57,12 +57,16 @@ def loss_sum(
     """Summed loss over the batch's label tokens (or rows), and correct predictions for classification.
     With `task_losses` and a multi-task batch (`task_ids`), each task's share of the sum is added to it."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    tasks = batch.get("task_ids") if task_losses is not None else None
     if "labels" not in batch:
         logits = model(**inputs).logits.float()
         labels = batch["class_labels"]
         correct = int((logits.argmax(-1) == labels).sum())
-        return F.cross_entropy(logits, labels, reduction="sum"), correct
-    tasks = batch.get("task_ids") if task_losses is not None else None
+        if tasks is None:
+            return F.cross_entropy(logits, labels, reduction="sum"), correct
+        losses = F.cross_entropy(logits, labels, reduction="none")
+        task_losses.add(losses, tasks[:, 0])  # a row's first token carries its task
+        return losses.sum(), correct
     with labels_for_head(batch["labels"], None if tasks is None else (tasks, task_losses)):
         out = model(**inputs).logits
     if out.ndim == 0:  # the output layer computed the label-only loss

@@ -151,7 +151,7 @@ def test_bad_task_lists_are_refused_naming_the_task(tmp_path: Path, models: dict
     cfg["data"]["train"].append({"path": str(toy_data["text"]), "format": "text", "name": "long"})
     res = ftl("validate", str(write_config(tmp_path / "bad.yaml", cfg)))
     assert res.returncode == 2, res.stderr[-3000:]
-    assert "data.train[2].format: multi-task mixes causal-LM tasks" in res.stderr
+    assert "data.train[2].format: 'classification' does not fit model.task='causal_lm'" in res.stderr
     assert "task name(s) long appear twice" in res.stderr
     mixed = _multitask_config(tmp_path, models)
     mixed["data"]["train"].append(str(toy_data["text"]))
@@ -177,3 +177,29 @@ def test_two_ranks_log_the_same_task_losses_as_one(tmp_path: Path, models: dict,
     for one, two in zip(runs["one"], runs["two"], strict=True):
         keys = [k for k in one if k.startswith(("loss/", "eval_loss/"))]
         assert len(keys) >= 2 and {k: two[k] for k in keys} == pytest.approx({k: one[k] for k in keys}, rel=1e-4)
+
+
+def test_classification_tasks_share_the_head_and_log_their_losses(tmp_path: Path, models: dict) -> None:
+    """Sequence classification: tasks with one label set train one head; each task's loss is its rows' mean."""
+    first = write_jsonl(tmp_path / "short.jsonl", reverse_rows(40, seed=5, fmt="classification"))
+    second = write_jsonl(tmp_path / "long.jsonl", reverse_rows(20, seed=6, fmt="classification", lo=8, hi=12))
+    cfg = base_config(
+        tmp_path,
+        models["bert"],
+        first,
+        model={"task": "sequence_classification"},
+        data={
+            "train": [{"path": str(first), "weight": 1.0}, {"path": str(second), "weight": 1.0}],
+            "format": "classification",
+            "eval_fraction": 0.2,
+        },
+        train={"max_steps": 4, "lr": 1e-2, "eval_every": 4},
+    )
+    res = ftl("train", str(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = read_metrics(tmp_path / "run")
+    steps = [r for r in rows if "loss" in r]
+    for r in steps:  # 2 + 2 rows of each batch: the mean loss is the mean of the two tasks' means
+        assert r["loss"] == pytest.approx((r["loss/short"] + r["loss/long"]) / 2, rel=1e-6)
+    evals = [r for r in rows if "eval_loss" in r]
+    assert evals and {"eval_loss/short", "eval_loss/long", "eval_accuracy"} <= set(evals[-1])

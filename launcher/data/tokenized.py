@@ -171,15 +171,17 @@ def concatenated(samples: Samples, ids: list[int]) -> Samples:
 
 
 def merged(parts: list[Samples]) -> Samples:
-    """Causal samples of several tasks as one split, each sample tagged with its task's index."""
+    """Samples of several tasks (all causal, or all classification) as one split, each tagged with its task."""
 
     def joined(field: str) -> list[np.ndarray] | None:
         lists = [getattr(p, field) for p in parts]
         return None if any(x is None for x in lists) else [a for x in lists for a in x]
 
+    classes = [p.class_labels for p in parts]
     return Samples(
         input_ids=joined("input_ids"),
         labels=joined("labels"),
+        class_labels=None if any(c is None for c in classes) else np.concatenate(classes),
         position_ids=joined("position_ids"),
         seq_ids=joined("seq_ids"),
         dropped=sum(p.dropped for p in parts),
