@@ -46,6 +46,9 @@ def listen_early(signals: list[str]) -> None:
         signal.signal(getattr(signal, name), remember)
 
 
+DEADLINE = "checkpoint.max_minutes reached"
+
+
 class StopRequest:
     """Collects stop reasons on this rank; `agreed()` asks every rank at a step boundary."""
 
@@ -78,7 +81,7 @@ class StopRequest:
         if self.reason is None and self.stop_file.exists():
             self.reason = f"stop file {self.stop_file}"
         if self.reason is None and self.deadline is not None and time.monotonic() >= self.deadline:
-            self.reason = "checkpoint.max_minutes reached"
+            self.reason = DEADLINE
         return self.reason is not None
 
     def agreed(self, want_save: bool = False) -> tuple[bool, bool]:
@@ -86,7 +89,7 @@ class StopRequest:
 
         `want_save` carries this rank's time-based checkpoint cadence through the same all-reduce, so a
         clock that crosses `every_minutes` on one rank but not yet on another cannot split the ranks."""
-        flags = [self._local(), want_save]
+        flags = [self._local(), want_save, self.reason == DEADLINE]
         if not self.env.distributed:
             return flags[0], flags[1]
         import torch
@@ -95,7 +98,7 @@ class StopRequest:
         device = self.env.device if self.env.device.type == "cuda" else "cpu"
         t = torch.tensor([float(f) for f in flags], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        stop, save = (bool(v > 0) for v in t.tolist())
-        if stop and self.reason is None:
-            self.reason = "another rank asked to stop"
+        stop, save, deadline = (bool(v > 0) for v in t.tolist())
+        if stop and self.reason is None:  # each rank reads its own clock: the first to pass the deadline says so
+            self.reason = DEADLINE if deadline else "another rank asked to stop"
         return stop, save
