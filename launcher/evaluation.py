@@ -50,13 +50,13 @@ def evaluate(
             count += label_token_count(batch)
             correct += right
     model.train()
-    sums = [*per_task.sums.tolist(), *per_task.counts.tolist()] if per_task is not None else []
-    loss_total, count, correct, *sums = all_reduce_sum([loss_total, count, correct, *sums], env)
+    per_task_sums = per_task.flat() if per_task is not None else []
+    loss_total, count, correct, *sums = all_reduce_sum([loss_total, count, correct, *per_task_sums], env)
     out = {"eval_loss": loss_total / max(count, 1)}
     if samples.class_labels is not None:
         out["eval_accuracy"] = correct / max(count, 1)
-    half = len(sums) // 2
-    out.update({f"eval_loss/{n}": s / c for n, s, c in zip(task_names or [], sums[:half], sums[half:]) if c})
+    means = zip(task_names or [], TaskLosses.means(sums))
+    out.update({f"eval_loss/{n}": v for n, v in means if v is not None})
     return out
 
 

@@ -50,6 +50,16 @@ class TaskLosses:
         self.sums.index_add_(0, index, losses.detach()[keep].double().cpu())
         self.counts.index_add_(0, index, torch.ones(len(index), dtype=torch.float64))
 
+    def flat(self) -> list[float]:
+        """Sums then counts, to all-reduce together with other numbers."""
+        return [*self.sums.tolist(), *self.counts.tolist()]
+
+    @staticmethod
+    def means(reduced: list[float]) -> list[float | None]:
+        """Each task's mean loss from all-reduced `flat()` values (None: none of its labels this time)."""
+        half = len(reduced) // 2
+        return [s / n if n else None for s, n in zip(reduced[:half], reduced[half:], strict=True)]
+
 
 def loss_sum(
     model: nn.Module, batch: dict[str, torch.Tensor], task_losses: TaskLosses | None = None

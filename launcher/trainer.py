@@ -74,9 +74,8 @@ def train_step(
             loss = loss / max(global_count, 1)
         strategy.backward(loss)
         total += float(loss.detach())
-    sums = [*per_task.sums.tolist(), *per_task.counts.tolist()] if per_task is not None else []
-    loss_global, tokens, *sums = all_reduce_sum([total, local_tokens, *sums], env)
-    task_means = [s / n if n else None for s, n in zip(sums[:num_tasks], sums[num_tasks:], strict=True)]
+    loss_global, tokens, *sums = all_reduce_sum([total, local_tokens, *(per_task.flat() if per_task else [])], env)
+    task_means = TaskLosses.means(sums)
     if skip_nonfinite and not math.isfinite(loss_global):
         strategy.discard_step()
         return loss_global, float("nan"), int(tokens), task_means
@@ -210,6 +209,13 @@ def check_finite(cfg: Config, state: TrainState, sampler: GlobalBatchSampler, ck
     )
 
 
+def make_l2sp(strategy: Strategy, weight: float) -> L2SP | None:
+    """train.l2sp: the penalty anchored at what the optimizer holds now (before any checkpoint loads)."""
+    if not weight:
+        return None
+    return L2SP(strategy.optimizer, strategy.optimizer_tensors(), weight, strategy.optimizer_holds_shards())
+
+
 def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:
     cfg = decide_checkpointing(cfg, env)
     t = cfg.train
@@ -223,10 +229,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         return EXIT_OK
     model = strategy.build_model()
     strategy.setup(model, optimizer_factory(t, model))
-    l2sp = None
-    if t.l2sp.weight:
-        shards = strategy.optimizer_holds_shards()
-        l2sp = L2SP(strategy.optimizer, strategy.optimizer_tensors(), t.l2sp.weight, shards)
+    l2sp = make_l2sp(strategy, t.l2sp.weight)
     ckpt = CheckpointManager(cfg, env, strategy.name)  # (the L2-SP anchor is taken before any checkpoint loads)
     state = start_or_resume(ckpt, strategy, env, t.seed)
     describe_start(strategy, cfg, env, sampler, steps)
