@@ -193,7 +193,8 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
         if declared.whole_model_on_rank0 and not cuda:
             state["weights"] = max(state["weights"], p["weights"])
     offload = cfg.distributed.offload or "none"
-    if cuda and (cfg.distributed.fsdp_cpu_offload or offload in ("optimizer", "all")):
+    optimizer_offloaded = cuda and (cfg.distributed.fsdp_cpu_offload or offload in ("optimizer", "all"))
+    if optimizer_offloaded:
         state["optimizer"] = master = 0.0
     if cuda and cfg.distributed.fsdp_cpu_offload:
         state["gradients"] = 0.0
@@ -206,9 +207,30 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
         # outlives the step: the two peak apart (all activations at the start of backward, all gradients at
         # its end), not together
         parts["backward overlap"] = -min(parts["gradients"], parts["activations"])
+    shards = world if "optimizer" in split else 1
+    step = 0.0 if optimizer_offloaded else optimizer_step_bytes(cfg, shape, p, shards, declared.flat_optimizer_step)
+    working = parts["activations"] + parts["loss"] + parts.get("backward overlap", 0.0)
+    if step > working:  # the step runs after backward freed the activations: only its excess adds
+        parts["optimizer step"] = step - working
     parts["framework"] = CUDA_OVERHEAD if cuda else CPU_OVERHEAD
     parts["allocator slack"] = SLACK * sum(parts.values())
     return parts
+
+
+def optimizer_step_bytes(cfg: Config, shape: Shape, p: dict[str, float], shards: int, flat: bool) -> float:
+    """Temporaries of one optimizer step. torch's AdamW makes two per tensor (the square root of the second
+    moment, then its scaled copy), so the largest trained tensor sets them; DeepSpeed steps one flat fp32
+    partition per rank and first copies the gradients into a flat tensor of the same size (measured on
+    SmolLM2-135M, ZeRO-3, 2 ranks: +0.75 GB in the first step = three partitions)."""
+    temporaries = 2 if cfg.train.optimizer == "adamw" else 0
+    if flat:
+        return (1 + temporaries) * p["trainable"] * 4 / shards
+    if method_traits(cfg.method.kind).adapters:
+        return 0.0  # small tensors
+    largest = max(
+        [i * o for i, o in shape.linears.values()] + [shape.vocab * shape.hidden * (not cfg.method.freeze.embeddings)]
+    )
+    return temporaries * largest * DTYPE_BYTES[cfg.model.dtype] / shards
 
 
 def checkpoint_bytes(cfg: Config, shape: Shape) -> float:

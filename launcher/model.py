@@ -61,8 +61,28 @@ def load_base_model(
         kwargs["quantization_config"] = quantization_config(cfg, quant_storage)
         kwargs["device_map"] = {"": device}
     model = cls.from_pretrained(cfg.model.path, **kwargs)
+    if quantize and device.type == "cpu":
+        own_unquantized_weights(model)
     set_pad_token_id(model)
     return model
+
+
+def own_unquantized_weights(model: nn.Module) -> None:
+    """Copy the weights 4-bit loading left as views of the checkpoint's memory map into the process's own
+    memory. While any view lives the map does, and with it every page the quantiser read: the whole file
+    stays resident (SmolLM2-135M on CPU: 0.5 GB of peak memory for a 0.1 GB embedding)."""
+    import bitsandbytes as bnb
+
+    seen: set[int] = set()
+    with torch.no_grad():
+        for module in model.modules():
+            for p in module.parameters(recurse=False):
+                if id(p) not in seen and not isinstance(p, bnb.nn.Params4bit):
+                    seen.add(id(p))
+                    p.data = p.data.clone()
+            for name, b in list(module.named_buffers(recurse=False)):
+                if b is not None:
+                    module._buffers[name] = b.clone()
 
 
 def set_pad_token_id(model: nn.Module) -> None:

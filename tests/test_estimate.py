@@ -106,3 +106,21 @@ def test_frozen_layers_leave_the_trainable_count(models: dict, toy_data: dict, t
         Config.model_validate({**raw, "method": {"kind": "full"}}), read_shape(str(models["llama"]))
     )
     assert counted["optimizer"] < plain["optimizer"]
+
+
+def test_deepspeed_counts_its_flat_optimizer_step(models: dict, toy_data: dict, tmp_path: Path) -> None:
+    """DeepSpeed steps one flat fp32 partition (a flat gradient copy + AdamW's two temporaries of that size);
+    the step comes after backward freed the activations, so only its excess over them adds. Offloaded, the
+    step leaves the GPU. torch strategies step tensor by tensor: LoRA's are too small to count."""
+    raw = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "full"})
+    shape = replace(read_shape(str(models["llama"])), vocab=50_000, hidden=1024, intermediate=4096, layers=8)
+    zero3 = {**raw, "distributed": {"strategy": "deepspeed", "zero_stage": 3}}
+    for world in (2, 4):
+        cfg = Config.model_validate(zero3)
+        parts, trainable = breakdown(cfg, shape, world, cuda=True), parameter_bytes(cfg, shape)["trainable"]
+        working = parts["activations"] + parts["loss"]
+        assert parts["optimizer step"] == pytest.approx(3 * trainable * 4 / world - working)
+    offloaded = {**zero3, "distributed": {**zero3["distributed"], "offload": "optimizer"}}
+    assert "optimizer step" not in breakdown(Config.model_validate(offloaded), shape, 2, cuda=True)
+    lora = Config.model_validate({**raw, "method": {"kind": "lora"}})
+    assert "optimizer step" not in breakdown(lora, shape, 1, cuda=True)

@@ -83,6 +83,17 @@ def test_lora_adapter_reloads_and_reproduces_the_trained_model(tmp_path: Path, m
     assert _eval_loss_of(merged, out, toy_data["completion"]) == pytest.approx(after, rel=1e-5)
 
 
+def _file_mappings(suffix: str) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of files named *suffix (Linux)."""
+    spans = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(suffix):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            spans.append((start, end))
+    return spans
+
+
 def test_qlora_trains_4bit_and_merges(tmp_path: Path, models: dict, toy_data: dict) -> None:
     import bitsandbytes as bnb
     from helpers import build_model as build_tiny
@@ -107,6 +118,8 @@ def test_qlora_trains_4bit_and_merges(tmp_path: Path, models: dict, toy_data: di
     model = build_model(conf, torch.device("cpu"))
     four_bit = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(four_bit) == 2 * 7  # every linear of both blocks is 4-bit (the head stays dense)
+    mapped = _file_mappings(".safetensors")  # no weight is left a view of the checkpoint file (it pins it all)
+    assert not any(a <= p.untyped_storage().data_ptr() < b for p in model.parameters() for a, b in mapped)
     rows = [r for r in read_metrics(run) if "loss" in r]
     assert rows[-1]["loss"] < rows[0]["loss"]
     reloaded = PeftModel.from_pretrained(model.base_model.model, run / "final")

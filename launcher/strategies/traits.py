@@ -26,6 +26,7 @@ class StrategyTraits:
     gradient_copies: int = 1  # DDP's gradient buckets hold a second copy
     whole_model_on_rank0: bool = False  # rank 0 loads every weight into host memory before sharding
     frees_gradients: bool = True  # gradients are freed after each step (not kept in persistent buffers)
+    flat_optimizer_step: bool = False  # the optimizer steps one flat tensor per rank (its temporaries are that big)
 
     def sharded_state(self, stage: int) -> tuple[str, ...]:
         """What this strategy splits across ranks at this ZeRO stage (ignored where there are no stages)."""
@@ -68,6 +69,7 @@ TRAITS = {
         fp32_master_copy=True,
         weights_reader="launcher.strategies.deepspeed",
         frees_gradients=False,
+        flat_optimizer_step=True,
         sharded=((), ("optimizer",), ("optimizer", "gradients"), ("optimizer", "gradients", "weights")),
     ),
 }
