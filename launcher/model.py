@@ -47,6 +47,8 @@ def load_base_model(
     """The pre-trained model (4-bit when quantize) for the configured task."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from launcher.attention import NAME as SEGMENT_ATTENTION
+
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[cfg.model.dtype],
         "trust_remote_code": cfg.model.trust_remote_code,
@@ -56,7 +58,7 @@ def load_base_model(
         kwargs["num_labels"] = cfg.model.num_labels
     else:
         cls = AutoModelForCausalLM
-        kwargs["attn_implementation"] = "sdpa"
+        kwargs["attn_implementation"] = SEGMENT_ATTENTION
     if quantize:
         kwargs["quantization_config"] = quantization_config(cfg, quant_storage)
         kwargs["device_map"] = {"": device}
@@ -200,12 +202,14 @@ def build_meta_model(cfg: Config) -> nn.Module:
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    from launcher.attention import NAME as SEGMENT_ATTENTION
+
     m = cfg.model
     classify = m.task == "sequence_classification"
     extra: dict[str, Any] = {"num_labels": m.num_labels} if classify else {}
     hf_config = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code, **extra)
     cls = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
-    kwargs: dict[str, Any] = {} if classify else {"attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {} if classify else {"attn_implementation": SEGMENT_ATTENTION}
     with torch.device("meta"):
         model = cls.from_config(hf_config, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
     set_pad_token_id(model)

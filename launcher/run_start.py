@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from launcher.attention import NAME as SEGMENT_ATTENTION
 from launcher.config import Config, ConfigError
 from launcher.data import Collator, DataSplits, GlobalBatchSampler
 from launcher.dist import DistEnv, all_reduce_sum
@@ -98,8 +99,10 @@ def decide_checkpointing(cfg: Config, env: DistEnv) -> Config:
 def make_collator(cfg: Config, strategy: Strategy, tokenizer: Any) -> Collator:
     """Padding-free concatenation needs the model's width for its cost model; off when it is not known."""
     on = cfg.data.padding_free and method_traits(cfg.method.kind).concatenates
-    width = getattr(strategy.unwrapped.config, "hidden_size", 0) if on else 0
-    return Collator(tokenizer.pad_token_id, int(width or 0))
+    config = strategy.unwrapped.config
+    width = getattr(config, "hidden_size", 0) if on else 0
+    segmented = getattr(config, "_attn_implementation", None) == SEGMENT_ATTENTION
+    return Collator(tokenizer.pad_token_id, int(width or 0), segmented)
 
 
 def start_mfu(strategy: Strategy, data: DataSplits, env: DistEnv) -> MfuMeter:

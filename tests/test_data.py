@@ -10,6 +10,7 @@ import torch
 from helpers import base_config, reverse_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from launcher.attention import NAME as SEGMENT_ATTENTION
 from launcher.config import Config, ConfigError
 from launcher.data import Collator, GlobalBatchSampler, collate, read_splits, tokenize_split
 from launcher.data.batches import concat_is_cheaper
@@ -89,10 +90,11 @@ def test_tokenisation_is_cached_on_disk(tmp_path: Path, models: dict, toy_data: 
     assert all((a == b).all() for a, b in zip(built.labels, cached.labels))
 
 
+@pytest.mark.parametrize("attention", ["sdpa", SEGMENT_ATTENTION])
 @pytest.mark.parametrize("arch", ["llama", "gpt_neox"])
-def test_packing_gives_the_same_per_token_loss(models: dict, arch: str) -> None:
+def test_packing_gives_the_same_per_token_loss(models: dict, arch: str, attention: str) -> None:
     tok = AutoTokenizer.from_pretrained(models[arch])
-    model = AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation=attention).eval()
     samples = tokenize_rows(reverse_rows(6, seed=5), "completion", tok, 64, mask_prompt=True)
     packed = pack(samples, max_len=64, seed=0)
     assert len(packed) < len(samples)  # really packed several samples per row
@@ -117,14 +119,20 @@ def test_packing_without_the_block_mask_would_leak(models: dict) -> None:
     assert not torch.allclose(sealed, leaked, rtol=1e-5)
 
 
+@pytest.mark.parametrize("attention", ["sdpa", SEGMENT_ATTENTION])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox"])
-def test_padding_free_batch_has_the_padded_loss_and_gradients(models: dict, arch: str) -> None:
+def test_padding_free_batch_has_the_padded_loss_and_gradients(models: dict, arch: str, attention: str) -> None:
+    """Padded rows, and the same rows concatenated into one (a dense block-diagonal mask, or ftl's attention
+    sample by sample): one loss, one gradient."""
     tok = AutoTokenizer.from_pretrained(models[arch])
-    model = AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(models[arch], attn_implementation=attention)
     samples = tokenize_rows(reverse_rows(6, seed=2, lo=1, hi=12), "completion", tok, 64, mask_prompt=True)
     ids = list(range(len(samples)))
     padded = collate(samples, ids, tok.pad_token_id)
-    flat = Collator(tok.pad_token_id, padding_free_width=model.config.hidden_size)(samples, ids)
+    segmented = attention == SEGMENT_ATTENTION
+    flat = Collator(tok.pad_token_id, padding_free_width=model.config.hidden_size, segment_attention=segmented)(
+        samples, ids
+    )
     total = sum(len(x) for x in samples.input_ids)
     assert flat["input_ids"].shape == (1, total) < padded["input_ids"].shape  # one row, no padding
     results = []
@@ -143,6 +151,40 @@ def test_padding_free_only_where_it_computes_less() -> None:
     assert concat_is_cheaper([10, 60, 20, 5], width=576)  # short ragged rows: padding dominates
     assert not concat_is_cheaper([4000, 4096, 3900, 4050], width=576)  # long even rows: T² attention dominates
     assert not concat_is_cheaper([64, 64, 64, 64], width=576)  # nothing to save
+    assert concat_is_cheaper([4000, 4096, 3900, 4050], width=576, segmented=True)  # attention per sample
+
+
+def test_segment_attention_equals_the_block_diagonal_mask() -> None:
+    """Packed rows (samples of 1 to 40 tokens, padding at a row's end), grouped-query heads: ftl's attention
+    sample by sample gives SDPA-with-the-dense-mask's outputs and gradients."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from launcher.attention import segment_attention
+
+    torch.manual_seed(0)
+    layouts = [[7, 40, 1, 13, 3], [25, 2, 9] + [1] * 28]  # the second row ends in 28 padding tokens
+    width = sum(layouts[0])
+    assert all(sum(x) == width for x in layouts)
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in layouts])
+    seq = torch.tensor([[k for k, n in enumerate(row) for _ in range(n)] for row in layouts])
+    mask = (seq[:, :, None] == seq[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+    module = SimpleNamespace(num_key_value_groups=3, is_causal=True, training=True)
+    q = torch.randn(2, 6, width, 8, requires_grad=True)
+    kv = [torch.randn(2, 2, width, 8, requires_grad=True) for _ in range(2)]
+    outs = []
+    for run in (
+        lambda: sdpa_attention_forward(module, q, *kv, mask[:, None], scaling=0.3)[0],
+        lambda: segment_attention(module, q, *kv, None, scaling=0.3, position_ids=position_ids)[0],
+    ):
+        out = run()
+        grads = torch.autograd.grad((out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum(), [q, *kv])
+        outs.append((out.detach(), grads))
+    (dense, dense_grads), (mine, my_grads) = outs
+    assert torch.allclose(dense, mine, atol=1e-6), (dense - mine).abs().max()
+    for a, b in zip(dense_grads, my_grads):
+        assert torch.allclose(a, b, atol=1e-5), (a - b).abs().max()
 
 
 def test_global_batch_is_the_same_for_any_world_size_and_accumulation() -> None:

@@ -107,6 +107,7 @@ class Collator:
 
     pad_id: int
     padding_free_width: int = 0
+    segment_attention: bool = False  # the model attends within each sample (launcher/attention.py), not T²
 
     def __call__(self, samples: Samples, ids: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
         ids = [int(i) for i in ids]
@@ -122,19 +123,20 @@ class Collator:
         if not self.padding_free_width or samples.labels is None or samples.seq_ids is not None or len(ids) < 2:
             return False
         lengths = [len(samples.input_ids[i]) for i in ids]
-        return concat_is_cheaper(lengths, self.padding_free_width)
+        return concat_is_cheaper(lengths, self.padding_free_width, self.segment_attention)
 
 
-def concat_is_cheaper(lengths: list[int], width: int) -> bool:
+def concat_is_cheaper(lengths: list[int], width: int, segmented: bool = False) -> bool:
     """Whether one concatenated row costs fewer FLOPs than the padded batch.
 
     Per layer and token the linear layers cost ~24·width² and attention ~4·width per (query, key) pair. A
-    padded batch pays for B·L tokens and B·L² pairs; the concatenated row for T = Σ lengths tokens but T²
-    pairs (the block-diagonal mask is dense to the kernel). Short rows gain, long rows would lose.
+    padded batch pays for B·L tokens and B·L² pairs; the concatenated row for T = Σ lengths tokens, and
+    T² pairs where the block-diagonal mask is dense to the kernel (short rows gain, long rows would lose) or
+    about Σ length² where the model attends sample by sample (`segmented`: it never loses).
     """
     batch, longest, total = len(lengths), max(lengths), sum(lengths)
     padded = 6 * width * batch * longest + batch * longest**2
-    flat = 6 * width * total + total**2
+    flat = 6 * width * total + (sum(n * n for n in lengths) if segmented else total**2)
     return flat < padded
 
 
