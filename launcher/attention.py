@@ -50,6 +50,7 @@ class SegmentPlan:
             for n in row_lengths:
                 buckets.setdefault(math.ceil(math.log2(n)) if n > 1 else 0, []).append((start, n))
                 start += n
+        self.longest = max(n for row in lengths for n in row)
         self.groups = []  # (gather index [N, L], valid [N, L], flat positions of the valid entries)
         for spans in buckets.values():
             longest = max(n for _, n in spans)
@@ -83,7 +84,8 @@ def segment_attention(
     position_ids = kwargs.get("position_ids")
     same_length = position_ids is not None and query.size(2) == key.size(2) == position_ids.size(-1)
     plan = SegmentPlan.of(position_ids, query.size(0)) if same_length else None
-    if plan is None:
+    window = kwargs.get("sliding_window")
+    if plan is None or (window is not None and plan.longest > window):  # a window inside a sample: SDPA's mask
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
     batch, heads, width, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * width, t.size(1), dim) for t in (query, key, value)]

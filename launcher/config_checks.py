@@ -179,8 +179,6 @@ def transfer_problems(cfg: Config) -> list[str]:
             "method.kind: prefix_tuning feeds past key values, which sequence-classification encoders do not take; "
             "use prompt_tuning (or adapter) with model.task: sequence_classification"
         )
-    if cfg.data.reference and cfg.model.task != "causal_lm":
-        p.append("data.reference: a reference loss needs a causal LM (model.task: causal_lm)")
     if cfg.train.l2sp.weight and cfg.method.kind != "full":
         p.append(
             f"train.l2sp: method.kind {cfg.method.kind} trains no pre-trained weights (its adapters start new); "

@@ -12,6 +12,7 @@ from launcher.data import Collator, DataSplits, Samples, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum
 from launcher.loss import TaskLosses, loss_sum
 from launcher.metrics import MetricsWriter, log
+from launcher.reference_head import PretrainedLMHead, load_reference_head
 from launcher.strategies.base import Strategy
 
 
@@ -28,9 +29,10 @@ def evaluate(
     env: DistEnv,
     collate: Collator,
     task_names: list[str] | None = None,
+    lm_head: PretrainedLMHead | None = None,
 ) -> dict[str, float]:
     """Mean eval loss (and accuracy for classification; each task's loss for a multi-task split); every rank
-    runs the same number of batches."""
+    runs the same number of batches. With `lm_head`, the LM loss through that head (a classifier's reference)."""
     model = strategy.model
     model.eval()
     mbs, world = cfg.train.micro_batch_size, env.world_size
@@ -44,7 +46,11 @@ def evaluate(
         ids = list(range(start, min(start + mbs, len(samples))))
         batch = collate(samples, ids or [0])
         with strategy.autocast():
-            loss, right = loss_sum(model, to_device(batch, env.device), per_task if ids else None)
+            if lm_head is not None:
+                batch = lm_head.prepare(batch)
+                loss, right = lm_head.loss_sum(model, to_device(batch, env.device)), 0
+            else:
+                loss, right = loss_sum(model, to_device(batch, env.device), per_task if ids else None)
         if ids:
             loss_total += float(loss)
             count += label_token_count(batch)
@@ -60,31 +66,36 @@ def evaluate(
     return out
 
 
-def evaluate_splits(
-    strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, task: bool = True
-) -> dict[str, float]:
-    """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
-    out = evaluate(strategy, data.eval, cfg, env, collate, data.task_names) if task and data.eval is not None else {}
-    if data.reference is not None:
-        out["reference_loss"] = evaluate(strategy, data.reference, cfg, env, collate)["eval_loss"]
-    return out
+class Evaluator:
+    """The eval split's metrics and the reference split's loss for one run. A classifier's reference loss is
+    taken through its checkpoint's pre-trained LM head (launcher/reference_head.py)."""
 
+    def __init__(self, strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, tokenizer):
+        self.strategy, self.data, self.cfg, self.env, self.collate = strategy, data, cfg, env, collate
+        classifier = cfg.model.task == "sequence_classification"
+        self.lm_head = load_reference_head(cfg, tokenizer, env.device) if classifier and data.reference else None
 
-def measure_reference_start(
-    strategy: Strategy,
-    data: DataSplits,
-    cfg: Config,
-    env: DistEnv,
-    collate: Collator,
-    state: TrainState,
-    writer: MetricsWriter | None,
-) -> None:
-    """data.reference: its loss on the untouched model (a fresh run's step 0), the base forgetting is measured from."""
-    if data.reference is None or state.step != 0:
-        return
-    state.reference_start = evaluate_splits(strategy, data, cfg, env, collate, task=False)["reference_loss"]
-    if writer:
-        writer.write({"step": 0, "reference_loss": state.reference_start})
+    def due(self, step: int, steps: int) -> bool:
+        """Whether this step evaluates (train.eval_every, and the last step)."""
+        every = self.cfg.train.eval_every
+        wanted = self.data.eval is not None or self.data.reference is not None
+        return wanted and ((every and step % every == 0) or step == steps)
+
+    def metrics(self, task: bool = True) -> dict[str, float]:
+        """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
+        s, d, cfg, env, collate = self.strategy, self.data, self.cfg, self.env, self.collate
+        out = evaluate(s, d.eval, cfg, env, collate, d.task_names) if task and d.eval is not None else {}
+        if d.reference is not None:
+            out["reference_loss"] = evaluate(s, d.reference, cfg, env, collate, lm_head=self.lm_head)["eval_loss"]
+        return out
+
+    def measure_reference_start(self, state: TrainState, writer: MetricsWriter | None) -> None:
+        """data.reference: its loss on the untouched model (a fresh run's step 0), forgetting's baseline."""
+        if self.data.reference is None or state.step != 0:
+            return
+        state.reference_start = self.metrics(task=False)["reference_loss"]
+        if writer:
+            writer.write({"step": 0, "reference_loss": state.reference_start})
 
 
 def report_forgetting(state: TrainState, metrics: dict[str, float], steps: int) -> None:

@@ -98,7 +98,7 @@ def decide_checkpointing(cfg: Config, env: DistEnv) -> Config:
 
 def make_collator(cfg: Config, strategy: Strategy, tokenizer: Any) -> Collator:
     """Padding-free concatenation needs the model's width for its cost model; off when it is not known."""
-    on = cfg.data.padding_free and method_traits(cfg.method.kind).concatenates
+    on = cfg.data.padding_free and method_traits(cfg.method.kind).concatenates and cfg.model.task == "causal_lm"
     config = strategy.unwrapped.config
     width = getattr(config, "hidden_size", 0) if on else 0
     segmented = getattr(config, "_attn_implementation", None) == SEGMENT_ATTENTION

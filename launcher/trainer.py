@@ -21,7 +21,7 @@ from launcher.config import Config, ConfigError
 from launcher.config_checks import strategy_problems
 from launcher.data import Collator, DataSplits, GlobalBatchSampler, MixtureSampler, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from launcher.evaluation import evaluate_splits, measure_reference_start, report_forgetting, to_device
+from launcher.evaluation import Evaluator, report_forgetting, to_device
 from launcher.l2sp import L2SP
 from launcher.loss import TaskLosses, loss_sum
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
@@ -241,7 +241,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     first_step = state.step
     if stop.agreed()[0]:  # asked to stop while starting: the state is the checkpoint's, nothing new to save
         return stopped_early(writer, stop, state, out_dir, env, saved=False)
-    measure_reference_start(strategy, data, cfg, env, collate, state, writer)
+    evaluator = Evaluator(strategy, data, cfg, env, collate, tokenizer)
+    evaluator.measure_reference_start(state, writer)
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, collate)
         if l2sp is not None:
@@ -253,9 +254,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
             if cfg.logging.sample_ids:
                 row["sample_ids"] = sampler.global_ids(state.step - 1).tolist()
             writer.write(row)
-        evaluating = data.eval is not None or data.reference is not None
-        if evaluating and ((t.eval_every and state.step % t.eval_every == 0) or state.step == steps):
-            metrics = evaluate_splits(strategy, data, cfg, env, collate)
+        if evaluator.due(state.step, steps):
+            metrics = evaluator.metrics()
             if writer:
                 writer.write({"step": state.step, **metrics})
                 report_forgetting(state, metrics, steps)
