@@ -6,6 +6,8 @@ on a ~0.55B Llama-architecture model built from a config. Prints tokens/s, peak 
 
 MFU = 6 × trained-model parameters × tokens/s ÷ peak bf16 dense FLOP/s (989 TFLOP/s for H100/H200 SXM);
 for LoRA/QLoRA the backward skips weight gradients of the frozen base, so 6N over-counts a little.
+The estimate column is `ftl estimate` for the same config on this GPU; the measured peak is torch's max
+allocated, which leaves out what the estimate adds for the CUDA context (0.75 GiB) and allocator slack (10%).
 """
 
 from __future__ import annotations
@@ -109,9 +111,23 @@ def run(root: Path, model: Path, data_path: Path, spec: tuple, tiny: bool, n_par
         "run": name,
         "tokens_per_s": tps,
         "peak_mib": peak,
+        "estimate_mib": estimated_mib(path, nproc),
         "mfu": 6 * n_params * tps / PEAK_FLOPS,
         "loss": rows[-1].get("loss"),
     }
+
+
+def estimated_mib(path: Path, nproc: int) -> float | None:
+    """`ftl estimate`'s per-rank peak for this run on this GPU (its CUDA path: --gpu-mem from the device);
+    with --tiny on CPU, its CPU estimate (against max RSS)."""
+    import torch
+
+    args = [sys.executable, "-m", "launcher", "estimate", str(path), "--nproc", str(max(nproc, 1))]
+    if torch.cuda.is_available():
+        args += ["--gpu-mem", f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f}"]
+    res = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    found = re.search(r"\*\*peak\*\* \| \*\*([\d.]+)\*\*", res.stdout)
+    return float(found.group(1)) * 1024 if found else None
 
 
 def resume_check(root: Path, model: Path, data_path: Path, tiny: bool) -> str:
@@ -147,13 +163,18 @@ def main() -> None:
         if args.extra:
             resumed = resume_check(root, model, data_path, args.tiny)
     print(f"\nmodel: Llama, {n_params / 1e6:.0f}M parameters")
-    print("| run | tokens/s | peak memory (MiB) | MFU | last loss |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| run | tokens/s | peak memory (MiB) | ftl estimate (MiB) | error | MFU | last loss |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
         if "error" in r:
-            print(f"| {r['run']} | failed: {r['error']} | | | |")
+            print(f"| {r['run']} | failed: {r['error']} | | | | | |")
         else:
-            print(f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['peak_mib']} | {r['mfu']:.1%} | {r['loss']:.3f} |")
+            est = r["estimate_mib"]
+            error = f"{(est - r['peak_mib']) / r['peak_mib']:+.0%}" if est else "-"
+            print(
+                f"| {r['run']} | {r['tokens_per_s']:.0f} | {r['peak_mib']} | {est or 0:.0f} | {error} "
+                f"| {r['mfu']:.1%} | {r['loss']:.3f} |"
+            )
     if resumed:
         print(resumed)
 

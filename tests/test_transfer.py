@@ -159,6 +159,43 @@ def test_gradual_unfreezing_resumes_exactly_across_a_thaw(tmp_path: Path, models
     assert max_weight_diff(final_weights(run), final_weights(tmp_path / "straight")) <= 1e-6
 
 
+RESUMED_TECHNIQUES = {  # technique: (method, train); each holds state a resume must restore or rebuild alike
+    "l2sp": ({"kind": "full"}, {"l2sp": {"weight": 1.0}}),  # the anchor: the base model, not the checkpoint
+    "adapter": ({"kind": "adapter", "adapter": {"size": 8}}, {}),
+    "prompt_tuning": ({"kind": "prompt_tuning", "prompt_tuning": {"num_virtual_tokens": 4}}, {}),
+}
+
+
+@pytest.mark.parametrize("technique", list(RESUMED_TECHNIQUES))
+def test_techniques_with_state_resume_exactly(tmp_path: Path, models: dict, toy_data: dict, technique: str) -> None:
+    """Killed after step 3 (step 2's checkpoint is the latest) and resumed = the uninterrupted run: final
+    weights within 1e-6 and, for L2-SP, the same penalty every step (re-anchoring at the checkpoint would
+    restart it near 0)."""
+    from resume_utils import final_weights, finish, kill_after, max_weight_diff, start
+
+    method, train = RESUMED_TECHNIQUES[technique]
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        toy_data["completion"],
+        method=method,
+        train={"max_steps": 6, "lr": 1e-2, **train},
+        checkpoint={"every_steps": 2, "keep_last": 10},
+    )
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    code, log = finish(start(path, f"output_dir={tmp_path / 'straight'}"))
+    assert code == 0, log[-3000:]
+    run = tmp_path / "killed"
+    kill_after(path, run, step=3)
+    code, log = finish(start(path, f"output_dir={run}"))
+    assert code == 0 and "at step 2" in log, log[-3000:]
+    assert max_weight_diff(final_weights(run), final_weights(tmp_path / "straight")) <= 1e-6
+    if technique == "l2sp":
+        penalty = lambda r: {x["step"]: x["l2sp_penalty"] for x in read_metrics(r) if "l2sp_penalty" in x}  # noqa: E731
+        straight, resumed = penalty(tmp_path / "straight"), penalty(run)
+        assert all(resumed[s] == pytest.approx(straight[s], rel=1e-5) for s in (3, 4, 5, 6)), (straight, resumed)
+
+
 @pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
 def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_data: dict, strategy: str) -> None:
     import json
