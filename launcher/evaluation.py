@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -70,7 +71,9 @@ class Evaluator:
     """The eval split's metrics and the reference split's loss for one run. A classifier's reference loss is
     taken through its checkpoint's pre-trained LM head (launcher/reference_head.py)."""
 
-    def __init__(self, strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, tokenizer):
+    def __init__(
+        self, strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, tokenizer: Any
+    ):
         self.strategy, self.data, self.cfg, self.env, self.collate = strategy, data, cfg, env, collate
         classifier = cfg.model.task == "sequence_classification"
         self.lm_head = load_reference_head(cfg, tokenizer, env.device) if classifier and data.reference else None
