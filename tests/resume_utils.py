@@ -113,3 +113,16 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
 def max_weight_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def straight_and_resumed(cfg_path: Path, tmp: Path, kill_step: int = 3, resumed_at: int = 2) -> tuple[Path, Path]:
+    """The run straight through, and the same run SIGKILLed after `kill_step` and resumed from its checkpoint at
+    `resumed_at`: both finish, and their final weights agree within 1e-6. Returns (straight, resumed) dirs."""
+    straight, run = tmp / "straight", tmp / "killed"
+    code, log = finish(start(cfg_path, f"output_dir={straight}"))
+    assert code == 0, log[-3000:]
+    kill_after(cfg_path, run, step=kill_step)
+    code, log = finish(start(cfg_path, f"output_dir={run}"))
+    assert code == 0 and f"at step {resumed_at}" in log, log[-3000:]
+    assert max_weight_diff(final_weights(run), final_weights(straight)) <= 1e-6
+    return straight, run

@@ -129,19 +129,13 @@ def test_a_multitask_run_logs_each_tasks_train_and_eval_loss(tmp_path: Path, mod
 
 @pytest.mark.slow
 def test_a_multitask_run_resumes_exactly(tmp_path: Path, models: dict) -> None:
-    from resume_utils import final_weights, finish, kill_after, losses, max_weight_diff, start
+    from resume_utils import losses, straight_and_resumed
 
     cfg = write_config(tmp_path / "cfg.yaml", _multitask_config(tmp_path, models))
-    code, log = finish(start(cfg, f"output_dir={tmp_path / 'straight'}"))
-    assert code == 0, log[-3000:]
-    run = tmp_path / "killed"
-    kill_after(cfg, run, step=3)
-    code, log = finish(start(cfg, f"output_dir={run}"))
-    assert code == 0 and "at step 2" in log, log[-3000:]
-    assert max_weight_diff(final_weights(run), final_weights(tmp_path / "straight")) <= 1e-6
-    straight = {r["step"]: r["loss/long"] for r in read_metrics(tmp_path / "straight") if "loss/long" in r}
+    straight_run, run = straight_and_resumed(cfg, tmp_path)
+    straight = {r["step"]: r["loss/long"] for r in read_metrics(straight_run) if "loss/long" in r}
     resumed = {r["step"]: r["loss/long"] for r in read_metrics(run) if "loss/long" in r}
-    assert resumed == pytest.approx(straight, rel=1e-5) and losses(run) == pytest.approx(losses(tmp_path / "straight"))
+    assert resumed == pytest.approx(straight, rel=1e-5) and losses(run) == pytest.approx(losses(straight_run))
 
 
 def test_bad_task_lists_are_refused_naming_the_task(tmp_path: Path, models: dict, toy_data: dict) -> None:

@@ -147,16 +147,10 @@ def test_gradual_unfreezing_thaws_one_block_per_period(
 
 
 def test_gradual_unfreezing_resumes_exactly_across_a_thaw(tmp_path: Path, models: dict, toy_data: dict) -> None:
-    from resume_utils import final_weights, finish, kill_after, max_weight_diff, start
+    from resume_utils import straight_and_resumed
 
     cfg = write_config(tmp_path / "cfg.yaml", _gradual_config(tmp_path, models, toy_data, {}))
-    code, log = finish(start(cfg, f"output_dir={tmp_path / 'straight'}"))
-    assert code == 0, log[-3000:]
-    run = tmp_path / "killed"
-    kill_after(cfg, run, step=3)  # step 2's checkpoint is the latest; block 1 thaws at step 3
-    code, log = finish(start(cfg, f"output_dir={run}"))
-    assert code == 0 and "at step 2" in log, log[-3000:]
-    assert max_weight_diff(final_weights(run), final_weights(tmp_path / "straight")) <= 1e-6
+    straight_and_resumed(cfg, tmp_path, kill_step=3)  # step 2's checkpoint is the latest; block 1 thaws at step 3
 
 
 RESUMED_TECHNIQUES = {  # technique: (method, train); each holds state a resume must restore or rebuild alike
@@ -171,7 +165,7 @@ def test_techniques_with_state_resume_exactly(tmp_path: Path, models: dict, toy_
     """Killed after step 3 (step 2's checkpoint is the latest) and resumed = the uninterrupted run: final
     weights within 1e-6 and, for L2-SP, the same penalty every step (re-anchoring at the checkpoint would
     restart it near 0)."""
-    from resume_utils import final_weights, finish, kill_after, max_weight_diff, start
+    from resume_utils import straight_and_resumed
 
     method, train = RESUMED_TECHNIQUES[technique]
     cfg = base_config(
@@ -182,17 +176,10 @@ def test_techniques_with_state_resume_exactly(tmp_path: Path, models: dict, toy_
         train={"max_steps": 6, "lr": 1e-2, **train},
         checkpoint={"every_steps": 2, "keep_last": 10},
     )
-    path = write_config(tmp_path / "cfg.yaml", cfg)
-    code, log = finish(start(path, f"output_dir={tmp_path / 'straight'}"))
-    assert code == 0, log[-3000:]
-    run = tmp_path / "killed"
-    kill_after(path, run, step=3)
-    code, log = finish(start(path, f"output_dir={run}"))
-    assert code == 0 and "at step 2" in log, log[-3000:]
-    assert max_weight_diff(final_weights(run), final_weights(tmp_path / "straight")) <= 1e-6
+    straight_run, run = straight_and_resumed(write_config(tmp_path / "cfg.yaml", cfg), tmp_path)
     if technique == "l2sp":
         penalty = lambda r: {x["step"]: x["l2sp_penalty"] for x in read_metrics(r) if "l2sp_penalty" in x}  # noqa: E731
-        straight, resumed = penalty(tmp_path / "straight"), penalty(run)
+        straight, resumed = penalty(straight_run), penalty(run)
         assert all(resumed[s] == pytest.approx(straight[s], rel=1e-5) for s in (3, 4, 5, 6)), (straight, resumed)
 
 
