@@ -17,7 +17,6 @@ import errno
 import hashlib
 import json
 import os
-import random
 import re
 import shutil
 import time
@@ -25,7 +24,6 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from launcher import __version__
@@ -33,6 +31,7 @@ from launcher.config import Config, ConfigError
 from launcher.config_checks import checkpoint_root
 from launcher.dist import DistEnv, barrier
 from launcher.metrics import log
+from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, side_work
 from launcher.strategies.base import Strategy
 
 MARKER = "COMPLETE"
@@ -115,27 +114,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 class CheckpointManager:
     """Saves, finds, loads and prunes checkpoints of one run. Every rank holds one."""
 
@@ -155,6 +133,7 @@ class CheckpointManager:
         minutes = self.cfg.checkpoint.every_minutes
         return bool(minutes) and time.monotonic() - self.last_save_time >= minutes * 60
 
+    @side_work  # the streams saved here are those the next step draws from, whatever the writers do
     def save(self, strategy: Strategy, state: TrainState) -> Path:
         """Write a complete checkpoint for `state.step` (all ranks call this)."""
         t0 = time.perf_counter()
@@ -165,8 +144,8 @@ class CheckpointManager:
             tmp.mkdir(parents=True)
         barrier(self.env)
         try:
+            torch.save(global_streams_state(), tmp / f"rng-rank{self.env.rank}.pt")
             strategy.save_checkpoint(tmp / "model")
-            torch.save(rng_state(), tmp / f"rng-rank{self.env.rank}.pt")
             if self.env.is_main:
                 (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(state), indent=1))
         except Exception as err:
@@ -248,14 +227,12 @@ class CheckpointManager:
         return path
 
     def load(self, strategy: Strategy, path: Path) -> TrainState:
-        """Restore model, optimizer, RNG and counters from `path` (all ranks)."""
+        """Restore model, optimizer and counters from `path` (all ranks); the random streams are restored by
+        `start_global_streams`, just before the first step."""
         t0 = time.perf_counter()
         saved = json.loads((path / "trainer_state.json").read_text())
         self._check_compatible(saved)
         strategy.load_checkpoint(path / "model")
-        rng_file = path / f"rng-rank{self.env.rank}.pt"
-        if rng_file.exists():  # absent when this run has more ranks than the one that saved
-            set_rng_state(torch.load(rng_file, weights_only=True))
         log_fn = log if self.env.is_main else (lambda _msg: None)
         log_fn(
             f"resumed from {path} at step {saved['step']} (saved by {saved['world_size']} rank(s); "
@@ -265,6 +242,15 @@ class CheckpointManager:
         if changes:
             log_fn(f"config changed since the checkpoint (allowed): {'; '.join(changes)}")
         return TrainState.from_state_dict(saved)
+
+    def start_global_streams(self, path: Path | None, seed: int, step: int) -> None:
+        """Seed this rank's global random streams for a fresh run, or restore those saved at `path` (resumed at
+        `step`). A rank the saving run did not have (resumed on more ranks) is seeded from seed, step and rank."""
+        rng_file = path / f"rng-rank{self.env.rank}.pt" if path is not None else None
+        if rng_file is not None and rng_file.exists():
+            set_global_streams(torch.load(rng_file, weights_only=True))
+        else:
+            seed_global_streams(seed + self.env.rank + step * 1_000_003)
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
         from launcher.prepare import meaningful_changes

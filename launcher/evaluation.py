@@ -14,6 +14,7 @@ from launcher.dist import DistEnv, all_reduce_sum
 from launcher.loss import TaskLosses, loss_sum
 from launcher.metrics import MetricsWriter, log
 from launcher.reference_head import PretrainedLMHead, load_reference_head
+from launcher.rng import side_work
 from launcher.strategies.base import Strategy
 
 
@@ -84,6 +85,7 @@ class Evaluator:
         wanted = self.data.eval is not None or self.data.reference is not None
         return wanted and ((every and step % every == 0) or step == steps)
 
+    @side_work  # evaluation between steps: the next step draws what it would have drawn without it
     def metrics(self, task: bool = True) -> dict[str, float]:
         """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
         s, d, cfg, env, collate = self.strategy, self.data, self.cfg, self.env, self.collate

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainState, disk_full
@@ -119,17 +117,6 @@ def make_sampler(cfg: Config, env: DistEnv, data: DataSplits) -> GlobalBatchSamp
     return sampler
 
 
-def start_or_resume(ckpt: CheckpointManager, strategy: Strategy, env: DistEnv, seed: int) -> TrainState:
-    """Load the checkpoint to resume from (if any); otherwise seed this rank's RNGs for a fresh run."""
-    path = ckpt.resume_path()
-    if path is not None:
-        return ckpt.load(strategy, path)
-    torch.manual_seed(seed + env.rank)
-    random.seed(seed + env.rank)
-    np.random.seed(seed + env.rank)
-    return TrainState()
-
-
 def optimizer_step(
     strategy: Strategy,
     data: DataSplits,
@@ -231,7 +218,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     strategy.setup(model, optimizer_factory(t, model))
     l2sp = make_l2sp(strategy, t.l2sp.weight)
     ckpt = CheckpointManager(cfg, env, strategy.name)  # (the L2-SP anchor is taken before any checkpoint loads)
-    state = start_or_resume(ckpt, strategy, env, t.seed)
+    resume_from = ckpt.resume_path()
+    state = ckpt.load(strategy, resume_from) if resume_from else TrainState()
     describe_start(strategy, cfg, env, sampler, steps)
     check_room(cfg, strategy, env)
     writer = MetricsWriter(cfg, out_dir, steps, state, start_mfu(strategy, data, env)) if env.is_main else None
@@ -243,6 +231,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         return stopped_early(writer, stop, state, out_dir, env, saved=False)
     evaluator = Evaluator(strategy, data, cfg, env, collate, tokenizer)
     evaluator.measure_reference_start(state, writer)
+    ckpt.start_global_streams(resume_from, t.seed, state.step)  # last: nothing above moves what step 1 draws
     while state.step < steps:
         row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, collate)
         if l2sp is not None:

@@ -18,16 +18,22 @@ from safetensors.torch import load_file
 
 
 def start(
-    cfg_path: Path, *overrides: str, nproc: int = 0, env: dict[str, str] | None = None, park_at: int = 0
+    cfg_path: Path,
+    *overrides: str,
+    nproc: int = 0,
+    env: dict[str, str] | None = None,
+    park_at: int = 0,
+    prefix: tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """Start `ftl train`; with `park_at` the run stalls inside that step's checkpoint write (so a kill after
-    step `park_at - 1` is logged always finds the same latest complete checkpoint, however fast the machine)."""
+    step `park_at - 1` is logged always finds the same latest complete checkpoint, however fast the machine).
+    `prefix` runs it under another command (e.g. `unshare` for another host name)."""
     full_env = dict(os.environ, **(env or {}))
     if park_at:
         full_env["FTL_TEST_SLOW_CHECKPOINT"] = f"{park_at}:900"
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         full_env.pop(key, None)
-    args = [sys.executable, "-m", "launcher", "train", str(cfg_path), *overrides]
+    args = [*prefix, sys.executable, "-m", "launcher", "train", str(cfg_path), *overrides]
     args += ["--nproc", str(nproc)] if nproc else []
     # A file, not a pipe: nobody reads a pipe while a test waits for a step, and once 64 KiB of rank output
     # (library warnings) fill it, the writing rank blocks and every other rank hangs in its next collective.

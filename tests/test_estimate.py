@@ -124,3 +124,27 @@ def test_deepspeed_counts_its_flat_optimizer_step(models: dict, toy_data: dict, 
     assert "optimizer step" not in breakdown(Config.model_validate(offloaded), shape, 2, cuda=True)
     lora = Config.model_validate({**raw, "method": {"kind": "lora"}})
     assert "optimizer step" not in breakdown(lora, shape, 1, cuda=True)
+
+
+@pytest.mark.parametrize(("strategy", "world"), [("single", 1), ("fsdp", 2)])
+def test_gradients_and_activations_peak_together_under_grad_accum(
+    models: dict, toy_data: dict, tmp_path: Path, strategy: str, world: int
+) -> None:
+    """With grad_accum 1 the step's gradients are freed with it, so backward trades activations for gradients
+    and only the larger counts; with grad_accum 2 the first micro-batch's gradients are still held while the
+    second one's activations are made, so the peak holds both."""
+    raw = base_config(
+        tmp_path, models["llama"], toy_data["completion"], method={"kind": "full"}, distributed={"strategy": strategy}
+    )
+    shape = read_shape(str(models["llama"]))
+    for accum, together in ((1, False), (2, True)):
+        parts = breakdown(
+            Config.model_validate({**raw, "train": {**raw["train"], "grad_accum": accum}}), shape, world, True
+        )
+        assert "optimizer step" not in parts  # the tiny model's step temporaries fit in the freed activations
+        grads, acts = parts["gradients"], parts["activations"]
+        assert grads > 0 and acts > 0
+        state = parts["weights"] + parts["optimizer state"] + parts["loss"] + parts["framework"]
+        held = sum(parts.values()) - parts["allocator slack"]
+        expected = state + grads + acts if together else state + max(grads, acts)
+        assert held == pytest.approx(expected, rel=1e-12), (accum, parts)

@@ -58,7 +58,8 @@ def _run(tmp: Path, cfg: dict, nproc: int = 0) -> tuple[int, str, list[tuple[int
 
 
 def _pretrained_lm_loss(cfg: dict, toy_data: dict) -> float:
-    """The reference rows' loss under the untouched checkpoint's own LM model (its forward computes the loss)."""
+    """The reference rows' loss under the untouched checkpoint's own LM model (its forward computes the loss).
+    An encoder's input gets [MASK] put in here, at the tokens ftl scores, so ftl's own masking is checked too."""
     from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
 
     conf = Config.model_validate(cfg)
@@ -71,10 +72,12 @@ def _pretrained_lm_loss(cfg: dict, toy_data: dict) -> float:
     total = count = 0.0
     with torch.no_grad():
         for i in range(0, len(samples), 4):
-            batch = head.prepare(collate(samples, range(i, min(i + 4, len(samples))), tok.pad_token_id))
-            labels = batch["labels"]
-            n = int((labels[:, 1:] != -100).sum()) if head.causal else int((labels != -100).sum())
-            out = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
+            batch = collate(samples, range(i, min(i + 4, len(samples))), tok.pad_token_id)
+            labels = head.prepare(batch)["labels"]  # only which tokens ftl scores; the masking is done here
+            scored = labels != -100
+            ids = batch["input_ids"] if head.causal else torch.where(scored, tok.mask_token_id, batch["input_ids"])
+            n = int(scored[:, 1:].sum()) if head.causal else int(scored.sum())
+            out = lm(input_ids=ids, attention_mask=batch["attention_mask"], labels=labels)
             total, count = total + float(out.loss) * n, count + n
     return total / count
 

@@ -1,4 +1,5 @@
-"""MFU: the FLOPs-per-token formula on a model whose shape is known, and the peak it is divided by."""
+"""MFU: the FLOPs-per-token formula on a model whose shape is known, the peak it is divided by, and a
+multi-rank run's mfu per device."""
 
 from __future__ import annotations
 
@@ -7,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from helpers import base_config, ftl, read_metrics, write_config
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launcher import mfu
+from launcher.data.tokenized import tokenize_rows
 
 
 def _matmul_elements(layers: int = 2, d: int = 32, kv: int = 16, inter: int = 64) -> int:
@@ -44,3 +47,24 @@ def test_cpu_peak_is_measured_once_and_cached(tmp_path: Path, monkeypatch: pytes
     assert mfu.peak_flops(torch.device("cpu")) == 123.0  # read back, not measured again
     monkeypatch.setenv("FTL_PEAK_TFLOPS", "2.5")
     assert mfu.peak_flops(torch.device("cpu")) == 2.5e12
+
+
+@pytest.mark.slow
+def test_a_two_rank_runs_mfu_is_per_device(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """2 ranks: the logged mfu is the global tokens/s × FLOPs per token ÷ (2 × one device's peak), each
+    device's share; divided by one device's peak it would claim twice the true utilisation."""
+    peak_tflops = 0.5
+    cfg = base_config(tmp_path, models["llama"], toy_data["completion"], distributed={"strategy": "ddp"})
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    res = ftl("train", str(path), "--nproc", "2", env={"FTL_PEAK_TFLOPS": str(peak_tflops)})
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [r for r in read_metrics(Path(cfg["output_dir"])) if "mfu" in r]
+    assert len(rows) == cfg["train"]["max_steps"] and all(r["world_size"] == 2 for r in rows)
+    # the training split as the run sees it (whole file, unpacked): its mean length and label share
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    raw = [json.loads(x) for x in toy_data["completion"].read_text().splitlines()]
+    train = tokenize_rows(raw, "completion", tok, cfg["data"]["max_seq_len"], mask_prompt=True)
+    model = AutoModelForCausalLM.from_pretrained(models["llama"])
+    per_token = mfu.flops_per_token(model, train.mean_length, train.label_fraction)
+    for r in rows:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (2 * peak_tflops * 1e12), rel=1e-9), r
