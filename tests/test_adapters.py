@@ -87,3 +87,59 @@ def test_adapters_under_sharding_equal_a_single_process(
     b = load_file(sharded / "final" / "adapter_model.safetensors")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+# Where each adapter belongs, written out here from the papers (not read from launcher.adapters.SITES):
+# blocks of the model, then (the attention sub-layer, the feed-forward sub-layer) inside a block.
+EXPECTED_SITES = {
+    "llama": ("model.layers", "self_attn", "mlp"),
+    "qwen2": ("model.layers", "self_attn", "mlp"),
+    "gpt_neox": ("gpt_neox.layers", "attention", "mlp"),
+    "bert": ("bert.encoder.layer", "attention.output.dense", "output.dense"),  # before residual + LayerNorm
+}
+
+
+def _apply_adapter_at(site: torch.nn.Module, adapter: torch.nn.Module) -> None:
+    """Hook `site` of an untouched model so its output h becomes h + up(gelu(down(h))), `adapter`'s weights."""
+    down, up = adapter.get_submodule("down"), adapter.get_submodule("up")
+
+    def hook(module: torch.nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        h = output[0] if isinstance(output, tuple) else output
+        h = h + torch.nn.functional.linear(
+            torch.nn.functional.gelu(torch.nn.functional.linear(h, down.weight, down.bias)), up.weight, up.bias
+        )
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    site.register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "bert"])
+@pytest.mark.parametrize("placement", ["houlsby", "pfeiffer"])
+def test_each_adapter_sits_after_its_sub_layer(models: dict, arch: str, placement: str) -> None:
+    """Houlsby adapts the attention and the feed-forward outputs, Pfeiffer the feed-forward output only: with
+    random (non-identity) adapters, the adapted model equals an untouched model whose sub-layer outputs are
+    passed through those adapters' formula at exactly those places."""
+    cls = AutoModelForSequenceClassification if arch == "bert" else AutoModelForCausalLM
+    adapted = attach_adapters(cls.from_pretrained(models[arch]).eval(), AdapterSettings(size=8, placement=placement))
+    reference = cls.from_pretrained(models[arch]).eval()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in adapted.named_parameters():
+            if "_adapter." in name:
+                p.normal_(std=0.2)  # up starts at zero: make each adapter change what it sees
+    blocks_path, attn_site, ffn_site = EXPECTED_SITES[arch]
+    sites = {"attn_adapter": attn_site, "ffn_adapter": ffn_site}
+    if placement == "pfeiffer":
+        sites.pop("attn_adapter")
+    for adapted_block, block in zip(adapted.get_submodule(blocks_path), reference.get_submodule(blocks_path)):
+        adapters = {n for n, _ in adapted_block.named_children() if n.endswith("_adapter")}
+        assert adapters == set(sites), adapters
+        for adapter_name, site in sites.items():
+            _apply_adapter_at(block.get_submodule(site), adapted_block.get_submodule(adapter_name))
+    ids = torch.randint(3, 60, (2, 12))
+    base = cls.from_pretrained(models[arch]).eval()
+    with torch.no_grad():
+        got, want = adapted(input_ids=ids).logits, reference(input_ids=ids).logits
+        base = base(input_ids=ids).logits
+    assert not torch.allclose(want, base, atol=1e-3), "the random adapters must change the output"
+    assert torch.allclose(got, want, atol=1e-5, rtol=0), float((got - want).abs().max())

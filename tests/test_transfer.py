@@ -105,6 +105,22 @@ def test_slanted_triangular_lr_equals_the_ulmfit_formula() -> None:
     assert values.index(max(values)) == 10 and min(values) == pytest.approx(1 / 32)
 
 
+@pytest.mark.parametrize(("total", "cut_frac"), [(25, 0.1), (37, 0.3)])  # T·cut_frac = 2.5, 11.1: not whole
+def test_slanted_triangular_lr_follows_the_paper_when_the_cut_is_rounded(total: int, cut_frac: float) -> None:
+    """With T·cut_frac not whole the fall lasts cut·(1/cut_frac − 1) steps (Howard & Ruder 2018, eq. 3), not
+    T − cut: lr_factor equals the paper's formula at every step, floored at the documented lowest LR, peak/ratio."""
+    import math
+
+    ratio = 32.0
+    t = TrainConfig(schedule="stlr", stlr={"cut_frac": cut_frac, "ratio": ratio})
+    cut = math.floor(total * cut_frac)
+    for step in range(total):
+        p = step / cut if step < cut else 1 - (step - cut) / (cut * (1 / cut_frac - 1))
+        # the paper's p goes below 0 after step cut/cut_frac < T; the LR stops at peak/ratio instead of crossing 0
+        expected = (1 + max(p, 0.0) * (ratio - 1)) / ratio
+        assert lr_factor(step, t, total) == pytest.approx(expected, rel=1e-12), step
+
+
 def _gradual_config(tmp_path: Path, models: dict, toy_data: dict, dist: dict) -> dict:
     return base_config(
         tmp_path,
@@ -280,6 +296,36 @@ def test_l2sp_holds_weights_near_the_pretrained_and_logs_its_penalty(
     assert penalties["plain"] == [None] * 6  # off: no metric
     assert penalties["l2sp"][-1] == pytest.approx(100.0 / 2 * drift["l2sp"], rel=1e-4)  # recomputed from saved
     assert drift["l2sp"] < 0.25 * drift["plain"], drift
+
+
+def test_l2sp_adds_weight_times_the_drift_to_the_gradient() -> None:
+    """One SGD step under L2SP moves an anchored weight by lr·(g + weight·(θ − θ_pre)), the gradient of
+    L + weight/2·‖θ − θ_pre‖², leaves an unanchored group plain SGD, and reports weight/2·‖θ − θ_pre‖² after it."""
+    import torch
+
+    from launcher.dist import DistEnv
+    from launcher.l2sp import L2SP
+
+    torch.manual_seed(0)
+    anchored, free = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    pre = anchored.clone()
+    for p in (anchored, free):
+        p.requires_grad_(True)
+    lr, weight = 0.1, 0.7
+    opt = torch.optim.SGD([{"params": [anchored], "l2sp": True}, {"params": [free]}], lr=lr)
+    l2sp = L2SP(opt, [(g, p) for g in opt.param_groups for p in g["params"]], weight, sharded=False)
+    drift = torch.randn(4, 3, dtype=torch.float64)
+    with torch.no_grad():
+        anchored.add_(drift)  # as if earlier steps had moved it away from the pre-trained value
+    before = anchored.detach().clone(), free.detach().clone()
+    grads = torch.randn(4, 3, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    anchored.grad, free.grad = grads[0].clone(), grads[1].clone()
+    opt.step()
+    expected = before[0] - lr * (grads[0] + weight * (before[0] - pre))
+    assert torch.allclose(anchored.detach(), expected, atol=1e-12, rtol=0)
+    assert torch.allclose(free.detach(), before[1] - lr * grads[1], atol=1e-12, rtol=0)
+    penalty = weight / 2 * float((expected - pre).pow(2).sum())
+    assert l2sp.penalty(DistEnv()) == pytest.approx(penalty, rel=1e-6)  # it measures in fp32
 
 
 @pytest.mark.parametrize("strategy", [_strategy_param(s) for s in STRATEGIES])
