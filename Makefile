@@ -30,6 +30,7 @@ demo: install
 test: install
 	$(BIN)/ruff check launcher tests scripts
 	$(BIN)/ruff format --check launcher tests scripts
+	@# pytest-randomly (dev extra) runs the tests in a new random order each time and prints the seed
 	$(BIN)/python -m pytest -q tests
 
 lint: install

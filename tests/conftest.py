@@ -7,6 +7,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,6 +17,22 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 from helpers import build_model, reverse_rows, write_jsonl
+
+
+def _say_order(config: pytest.Config, reporter: Any) -> None:
+    seed = config.getoption("randomly_seed", None)
+    if reporter is not None and isinstance(seed, int):
+        reporter.write_line(f"test order: random, seed {seed} (the same order again: --randomly-seed={seed})")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Print pytest-randomly's seed even under -q (its own header line is hidden there)."""
+    _say_order(session.config, session.config.pluginmanager.get_plugin("terminalreporter"))
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    """... and again below the failures, where a reader of a red run looks."""
+    _say_order(config, terminalreporter)
 
 
 @pytest.fixture(scope="session", autouse=True)
