@@ -147,6 +147,29 @@ def test_padding_free_batch_has_the_padded_loss_and_gradients(models: dict, arch
         assert (gp - gf).abs().max() <= 1e-5 * gp.abs().max()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", SEGMENT_ATTENTION])
+def test_padding_free_collation_keeps_packed_rows_sample_by_sample(models: dict, attention: str) -> None:
+    """Packed rows under padding-free collation (both on by default): each sample still starts at position 0
+    and attends only within itself, so the batch's loss is the unpacked samples' loss. Concatenating the
+    packed rows again would restart positions per packed row only, and samples would see each other."""
+    tok = AutoTokenizer.from_pretrained(models["llama"])
+    model = AutoModelForCausalLM.from_pretrained(models["llama"], attn_implementation=attention).eval()
+    samples = tokenize_rows(reverse_rows(12, seed=4, lo=1, hi=12), "completion", tok, 64, mask_prompt=True)
+    packed = pack(samples, max_len=48, seed=0)
+    segmented = attention == SEGMENT_ATTENTION
+    width = model.config.hidden_size if segmented else 10**6  # sdpa: a wide model, where concatenation wins
+    assert concat_is_cheaper([len(x) for x in packed.input_ids], width, segmented)  # the tempting path
+    batch = Collator(tok.pad_token_id, padding_free_width=width, segment_attention=segmented)(
+        packed, range(len(packed))
+    )
+    real = batch["input_ids"] != tok.pad_token_id
+    assert int((batch["position_ids"][real] == 0).sum()) == len(samples)  # one restart per sample
+    with torch.no_grad():
+        plain, _ = loss_sum(model, collate(samples, range(len(samples)), tok.pad_token_id))
+        got, _ = loss_sum(model, batch)
+    assert torch.allclose(plain, got, rtol=1e-5), (plain, got)
+
+
 def test_padding_free_only_where_it_computes_less() -> None:
     assert concat_is_cheaper([10, 60, 20, 5], width=576)  # short ragged rows: padding dominates
     assert not concat_is_cheaper([4000, 4096, 3900, 4050], width=576)  # long even rows: T² attention dominates

@@ -68,3 +68,16 @@ def test_a_two_rank_runs_mfu_is_per_device(tmp_path: Path, models: dict, toy_dat
     per_token = mfu.flops_per_token(model, train.mean_length, train.label_fraction)
     for r in rows:
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * per_token / (2 * peak_tflops * 1e12), rel=1e-9), r
+
+
+def test_measuring_the_cpu_peak_leaves_the_training_rng_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The peak is measured (rank 0, cache miss: a new machine or thread count) during a run; drawing from the
+    global generator would change dropout, so a resumed run (or a rerun on a cold cache) would differ from the
+    straight one."""
+    monkeypatch.setenv("FTL_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("FTL_PEAK_TFLOPS", raising=False)
+    torch.manual_seed(3)
+    expected = torch.rand(8)
+    torch.manual_seed(3)
+    mfu.peak_flops(torch.device("cpu"))  # measured: the cache is empty
+    assert torch.equal(torch.rand(8), expected)

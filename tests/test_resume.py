@@ -202,13 +202,18 @@ def test_stop_file_and_retention(tmp_path: Path, models: dict, toy_data: dict) -
 
 
 def test_a_metrics_row_cut_short_does_not_block_resume(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """Rows cut short are dropped on resume wherever they lie: after the resumed step, and at it (a step at or
+    before the checkpoint is not re-run, so its cut row must go rather than stay unreadable in the file)."""
     cfg = _config(tmp_path, models, toy_data, "lora", checkpoint={"every_steps": 2})
     run = _straight(cfg, tmp_path / "run", "train.max_steps=3")
-    with (run / "metrics.jsonl").open("a") as f:
-        f.write('{"step": 4, "loss":')  # what a full disk leaves behind
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3]
+    lines[1] = lines[1][: len(lines[1]) // 2]  # step 2's row, the step resumed from, cut short
+    path.write_text("\n".join(lines) + '\n{"step": 4, "loss":')  # and what a full disk leaves behind
     code, log = finish(start(cfg, f"output_dir={run}", "train.max_steps=5"))
-    assert code == 0 and "dropped 1 unreadable row" in log and "at step 2" in log, log[-3000:]
-    assert sorted(losses(run)) == [1, 2, 3, 4, 5]
+    assert code == 0 and "dropped 2 unreadable row" in log and "at step 2" in log, log[-3000:]
+    assert sorted(losses(run)) == [1, 3, 4, 5]  # every row readable; step 2's loss is lost, not re-run
 
 
 def test_config_change_on_resume(tmp_path: Path, models: dict, toy_data: dict) -> None:
