@@ -25,6 +25,8 @@ from pathlib import Path
 from launcher.config import Config
 from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
 from launcher.methods import method_traits
+from launcher.strategies import resolve_strategy_name
+from launcher.strategies.ds_config import stage_and_offload
 from launcher.strategies.traits import traits
 
 GIB = 2**30
@@ -167,18 +169,19 @@ def activation_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
     return {"activations": layers, "loss": loss}
 
 
-def _strategy(cfg: Config, world: int) -> tuple[str, int]:
-    """(strategy, ZeRO stage) the run will use; `auto` as the trainer resolves it without a launcher."""
-    d = cfg.distributed
-    name = d.strategy if d.strategy != "auto" else ("single" if world == 1 else "ddp")
-    staged = len(traits(name).sharded) > 1
-    return name, (d.zero_stage or 2) if staged else 0
+def _strategy(cfg: Config, world: int) -> tuple[str, int, str]:
+    """(strategy, ZeRO stage, offload) the run will use, resolved by the same code as training's (`auto`, and
+    a DeepSpeed JSON's stage and offload)."""
+    name = resolve_strategy_name(cfg, world)
+    if len(traits(name).sharded) <= 1:
+        return name, 0, "none"
+    return (name, *stage_and_offload(cfg))
 
 
 def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, float]:
     """Peak bytes per rank by component (offloaded parts count on CPU, where host memory is the memory)."""
     p, a = parameter_bytes(cfg, shape), activation_bytes(cfg, shape)
-    name, stage = _strategy(cfg, world)
+    name, stage, offload = _strategy(cfg, world)
     declared = traits(name)
     split = declared.sharded_state(stage)
     state = {"weights": p["weights"], "gradients": p["gradients"] * declared.gradient_copies}
@@ -192,7 +195,6 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
         state["weights"] += 2 * p["block"]  # the block being computed and the one prefetched, gathered
         if declared.whole_model_on_rank0 and not cuda:
             state["weights"] = max(state["weights"], p["weights"])
-    offload = cfg.distributed.offload or "none"
     optimizer_offloaded = cuda and (cfg.distributed.fsdp_cpu_offload or offload in ("optimizer", "all"))
     if optimizer_offloaded:
         state["optimizer"] = master = 0.0
@@ -321,7 +323,7 @@ def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float 
     shape = read_shape(cfg.model.path)
     parts = breakdown(cfg, shape, world, cuda)
     total = sum(parts.values())
-    family, stage = _strategy(cfg, world)
+    family, stage, _ = _strategy(cfg, world)
     p = parameter_bytes(cfg, shape)
     lines = [
         f"model: {shape.model_type}, {p['params'] / 1e6:.1f}M parameters, {p['trainable'] / 1e6:.2f}M trainable "

@@ -148,3 +148,34 @@ def test_gradients_and_activations_peak_together_under_grad_accum(
         held = sum(parts.values()) - parts["allocator slack"]
         expected = state + grads + acts if together else state + max(grads, acts)
         assert held == pytest.approx(expected, rel=1e-12), (accum, parts)
+
+
+@pytest.mark.parametrize("offload", [None, "cpu"])
+def test_a_deepspeed_json_decides_the_stage_and_offload_as_in_training(
+    models: dict, toy_data: dict, tmp_path: Path, offload: str | None
+) -> None:
+    """A DeepSpeed JSON whose zero_optimization says stage 3 (and an optimizer offload) is estimated exactly as
+    distributed.zero_stage=3 (and offload: optimizer), and `gradient_checkpointing: auto` decides the same way,
+    because the estimate asks the strategy's own resolution rather than defaulting to ZeRO-2."""
+    from launcher.estimate import resolve_checkpointing
+    from launcher.strategies.ds_config import build_ds_config
+
+    zero = {"stage": 3, **({"offload_optimizer": {"device": offload}} if offload else {})}
+    ds_json = tmp_path / "ds.json"
+    ds_json.write_text(json.dumps({"zero_optimization": zero}))
+    raw = base_config(tmp_path, models["llama"], toy_data["completion"], method={"kind": "full"})
+    raw["train"]["gradient_checkpointing"] = "auto"
+    fields = {"zero_stage": 3, **({"offload": "optimizer"} if offload else {})}
+    by_json = Config.model_validate({**raw, "distributed": {"strategy": "deepspeed", "deepspeed_config": str(ds_json)}})
+    by_fields = Config.model_validate({**raw, "distributed": {"strategy": "deepspeed", **fields}})
+    assert build_ds_config(by_json, 4)["zero_optimization"]["stage"] == 3  # what training runs
+    shape = read_shape(str(models["llama"]))
+    assert breakdown(by_json, shape, 4, cuda=True) == breakdown(by_fields, shape, 4, cuda=True)
+    for capacity in (1e6, 1e12):  # short of memory, and plenty: the same decision either way
+        (json_cfg, json_note), (field_cfg, field_note) = (
+            resolve_checkpointing(c, 4, True, capacity) for c in (by_json, by_fields)
+        )
+        assert json_cfg.train.gradient_checkpointing == field_cfg.train.gradient_checkpointing
+        assert json_note == field_note
+    out = ftl("estimate", str(write_config(tmp_path / "c.yaml", by_json.model_dump(mode="json"))), "--nproc", "4")
+    assert "deepspeed ZeRO-3 on 4 rank(s)" in out.stdout, out.stdout + out.stderr

@@ -34,7 +34,7 @@ from launcher.metrics import log
 from launcher.model import DTYPES
 from launcher.optim import zero_inactive_gradients_in_backward
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
-from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, read_user_json, resolve_stage_offload
+from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, stage_and_offload
 
 CKPT_TAG = "state"
 CKPT_META = "ftl_deepspeed.json"
@@ -91,8 +91,7 @@ class DeepSpeedStrategy(Strategy):
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
         check_deepspeed_config(cfg, env.world_size)  # cheap; before any model loads
-        user = read_user_json(cfg.distributed.deepspeed_config) if cfg.distributed.deepspeed_config else None
-        self.stage, self.offload = resolve_stage_offload(cfg, user)
+        self.stage, self.offload = stage_and_offload(cfg)
         self.engine: Any = None
         self.ds_config: dict[str, Any] = {}
         self.adapters = method_traits(cfg.method.kind).adapters

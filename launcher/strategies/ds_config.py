@@ -55,6 +55,13 @@ def resolve_stage_offload(cfg: Config, user: dict[str, Any] | None) -> tuple[int
     return int(stage), offload
 
 
+def stage_and_offload(cfg: Config) -> tuple[int, str]:
+    """The ZeRO stage and offload a DeepSpeed run uses, reading `distributed.deepspeed_config` when set: the one
+    answer for training, `ftl estimate` and `gradient_checkpointing: auto`."""
+    path = cfg.distributed.deepspeed_config
+    return resolve_stage_offload(cfg, read_user_json(path) if path else None)
+
+
 def _ftl_values(cfg: Config, world_size: int | None) -> dict[tuple[str, ...], tuple[str, Any, Any]]:
     """JSON key path → (ftl field, the field's value as the user wrote it, the value DeepSpeed must get)."""
     t = cfg.train
