@@ -12,8 +12,7 @@ import os
 import sys
 
 from launcher.config import Config, ConfigError, load_config
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
 
 
 def _count(text: str) -> int:

@@ -16,6 +16,11 @@ import torch.distributed as dist
 from launcher.launch.world import cpu_threads_per_rank, env_world, slurm_rendezvous
 
 
+def backend_for(device: torch.device) -> str:
+    """The collective backend for ranks on `device`: nccl on CUDA, gloo on CPU."""
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
 @dataclass(frozen=True)
 class DistEnv:
     """Who this process is among the ranks of the run."""
@@ -53,7 +58,7 @@ def init_distributed(timeout_minutes: float) -> DistEnv:
         os.environ.setdefault("WORLD_SIZE", str(world))
         os.environ.setdefault("LOCAL_RANK", str(local_rank))
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            backend=backend_for(device),
             timeout=datetime.timedelta(minutes=timeout_minutes),
             device_id=device if use_cuda else None,
         )

@@ -17,12 +17,12 @@ import json
 import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from launcher.model import param_numel
+from launcher.paths import cache_dir
 
 # dense bf16 TFLOP/s per device (vendor datasheets; SXM parts where two exist), matched by substring
 CUDA_PEAK_TFLOPS = {
@@ -82,7 +82,7 @@ def cpu_peak_flops() -> float:
     """fp32 matmul FLOP/s with this process's thread count, measured once per machine and cached."""
     threads = torch.get_num_threads()
     key = f"{platform.node()}|{platform.processor() or platform.machine()}|{os.cpu_count()}|{threads}"
-    path = Path(os.environ.get("FTL_CACHE_DIR", Path.home() / ".cache" / "ftl")) / "peak_flops.json"
+    path = cache_dir() / "peak_flops.json"
     try:
         cached = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -95,7 +95,7 @@ def model_size(cfg: Config) -> tuple[int, int]:
 
 def rendezvous_problems(nproc: int, timeout_s: float = 120) -> tuple[list[str], str]:
     """Start `nproc` real ranks that join a process group and all-reduce once; (problems, what happened)."""
-    from launcher.launch.local import free_port
+    from launcher.launch.world import free_port
 
     port = os.environ.get("MASTER_PORT") or str(free_port())
     env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": port}

@@ -18,7 +18,7 @@ from launcher.config import Config, ConfigError
 from launcher.data.splits import DataSplits, read_splits, tokenize_tasks
 from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
-from launcher.data.tokenized import Samples, cache_dir
+from launcher.data.tokenized import Samples, token_cache_dir
 from launcher.launch.world import env_world
 from launcher.run_lock import lock_output_dir
 
@@ -98,7 +98,7 @@ def prepare_output_dir(cfg: Config) -> Path:
 def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
     """Read, check, tokenise (cached, once per machine) and pack both splits."""
     raw = read_splits(cfg)
-    lock_path = cache_dir() / ".lock"
+    lock_path = token_cache_dir() / ".lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with lock_path.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

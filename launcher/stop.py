@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch-free at import: the CLI listens for stop signals before torch loads
     from launcher.dist import DistEnv
 
-EXIT_STOPPED = 3  # "stopped early, checkpoint saved": distinct from success (0), failure (1), bad input (2)
 ABORT_AFTER_SECONDS = 2.0
 
 

@@ -19,6 +19,7 @@ from launcher.config import Config, ConfigError
 from launcher.config_checks import strategy_problems
 from launcher.data import Collator, DataSplits, GlobalBatchSampler, MixtureSampler, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
+from launcher.errors import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
 from launcher.evaluation import Evaluator, report_forgetting, to_device
 from launcher.l2sp import L2SP
 from launcher.loss import TaskLosses, loss_sum
@@ -34,12 +35,9 @@ from launcher.run_start import (
     make_collator,
     start_mfu,
 )
-from launcher.stop import EXIT_STOPPED, StopRequest
+from launcher.stop import StopRequest
 from launcher.strategies import make_strategy
 from launcher.strategies.base import Strategy
-
-EXIT_OK, EXIT_FAILED = 0, 1
-EXIT_NONFINITE = 4  # a NaN/inf loss or gradient (train.nonfinite); nothing non-finite was saved
 
 
 def total_steps(cfg: Config, sampler: GlobalBatchSampler) -> int:

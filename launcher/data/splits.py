@@ -12,13 +12,13 @@ from launcher.data.formats import require_chat_template
 from launcher.data.rows import load_split
 from launcher.data.tokenized import (
     Samples,
-    cache_dir,
     cache_key,
     load_samples,
     merged,
     pack,
     save_samples,
     subset,
+    token_cache_dir,
     tokenize_rows,
 )
 from launcher.launch.world import env_world
@@ -96,7 +96,7 @@ def tokenize_split(
     d = cfg.data
     fmt, mask_prompt = (d.reference_format, False) if field == "data.reference" else (fmt or d.format, d.mask_prompt)
     settings = {"format": fmt, "max_len": d.max_seq_len, "mask_prompt": mask_prompt}
-    path = cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
+    path = token_cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
     if path.exists():
         return check_dropped(load_samples(path), len(rows), cfg, field)
     if not build:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from launcher.data.formats import IGNORE, encode_causal, encode_classification, leading_special_ids
+from launcher.paths import cache_dir
 
 CACHE_VERSION = "1"
 
@@ -51,9 +52,9 @@ class Samples:
         return int(sum((lab[1:] != IGNORE).sum() for lab in self.labels))
 
 
-def cache_dir() -> Path:
-    """Where tokenised splits are cached ($FTL_CACHE_DIR, else ~/.cache/ftl/tokenized)."""
-    return Path(os.environ.get("FTL_CACHE_DIR", Path.home() / ".cache" / "ftl")) / "tokenized"
+def token_cache_dir() -> Path:
+    """Where tokenised splits are cached (the ftl cache's tokenized/)."""
+    return cache_dir() / "tokenized"
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

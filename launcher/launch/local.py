@@ -5,20 +5,14 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
+from launcher.launch.world import free_port
+
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FAILED_RANK_GRACE = 30.0  # seconds the other ranks get to end on their own after one rank failed
-
-
-def free_port() -> int:
-    """A TCP port that is free on this machine right now (for a local rendezvous)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def forward_signals(procs: list[subprocess.Popen], names: list[str]) -> None:

@@ -9,14 +9,16 @@ import datetime
 import sys
 import time
 
+import torch
+import torch.distributed as dist
+
+from launcher.dist import backend_for
+
 
 def main() -> int:
-    import torch
-    import torch.distributed as dist
-
     timeout = float(sys.argv[1]) if len(sys.argv) > 1 else 120.0
     t0 = time.perf_counter()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = backend_for(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout))
     device = torch.device("cuda", dist.get_rank() % max(1, torch.cuda.device_count())) if backend == "nccl" else "cpu"
     t = torch.ones(1, device=device)

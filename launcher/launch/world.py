@@ -19,6 +19,13 @@ from collections.abc import Mapping
 PORT_BASE, PORT_SPAN = 20000, 10000  # below Linux's ephemeral range (32768-60999)
 
 
+def free_port() -> int:
+    """A TCP port that is free on this machine right now (for a local rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def env_world(env: Mapping[str, str] | None = None) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from the launcher's environment; (0, 1, 0) when alone.
 

@@ -17,7 +17,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import sys
 import warnings
 from pathlib import Path
@@ -28,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 
 from launcher.config import Config
-from launcher.dist import DistEnv
+from launcher.dist import DistEnv, backend_for
+from launcher.launch.world import free_port
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES
@@ -64,11 +64,9 @@ def init_deepspeed_dist(env: DistEnv, timeout_minutes: float) -> None:
             os.environ.setdefault(key, str(value))
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", 0))
-                os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            os.environ["MASTER_PORT"] = str(free_port())
     deepspeed.init_distributed(
-        dist_backend="nccl" if env.device.type == "cuda" else "gloo",
+        dist_backend=backend_for(env.device),
         auto_mpi_discovery=False,
         timeout=datetime.timedelta(minutes=timeout_minutes),
         verbose=False,

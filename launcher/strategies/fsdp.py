@@ -35,7 +35,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from launcher.config import Config, ConfigError
-from launcher.dist import DistEnv
+from launcher.dist import DistEnv, backend_for
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, build_meta_model
@@ -50,8 +50,7 @@ def ensure_process_group(env: DistEnv) -> None:
     """FSDP needs a process group even for one rank; ftl only starts one for several."""
     if dist.is_initialized():
         return
-    backend = "nccl" if env.device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group(backend_for(env.device), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def wrap_class_names(model: nn.Module, configured: list[str] | None) -> set[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +22,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # helpers, when run as the driver
 
 from helpers import ROOT, base_config, ftl, read_metrics, write_config
+
+from launcher.launch.world import free_port
 
 pytestmark = pytest.mark.slow
 THIS = Path(__file__).resolve()
@@ -38,17 +39,11 @@ MATRIX: dict[str, tuple[dict[str, Any], int, int]] = {
 
 
 # ----------------------------------------------------------------------------------------- launching
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(nproc: int, logs: Path, *jobs: str, timeout: int = 900) -> None:
     """Run this file as the driver on nproc ranks (a plain process when 1) over `jobs` (train=CFG, save=CFG,
     resume=CFG, in order); fail with the logs' tails."""
     logs.mkdir(parents=True, exist_ok=True)
-    port, procs, files = str(_free_port()), [], []
+    port, procs, files = str(free_port()), [], []
     for rank in range(nproc):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,8 @@ import pytest
 import torch
 from helpers import ROOT, base_config, ftl, read_metrics, reverse_rows, write_config, write_jsonl
 from safetensors.torch import load_file
+
+from launcher.launch.world import free_port
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("fsdp_ckpt_driver.py")
@@ -169,15 +170,9 @@ def test_full_fsdp_bf16_mixed_precision_with_checkpointing(tmp_path: Path, model
     assert 1e-5 < abs(losses[0] - first) / first < 2e-2, (losses[0], first)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _drive(nproc: int, config: Path, phase: str, work: Path, kinds: str, *overrides: str) -> None:
     """Run the checkpoint driver on nproc ranks (a plain process when 1)."""
-    port, procs = str(_free_port()), []
+    port, procs = str(free_port()), []
     logs = [work / f"{phase}-rank{rank}.log" for rank in range(nproc)]  # files: an undrained pipe can block a rank
     for rank in range(nproc):
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}

@@ -1,0 +1,9 @@
+"""Exit codes of every ftl command: one definition (README, 'Exit codes')."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # a run or command that failed (a crash, a full disk, an estimate that does not fit)
+EXIT_BAD_INPUT = 2  # bad input (config, data, paths), reported before any heavy work
+EXIT_STOPPED = 3  # stopped early on request (signal, STOP file, max_minutes); a checkpoint was saved
+EXIT_NONFINITE = 4  # a NaN/inf loss or gradient (train.nonfinite); nothing non-finite was saved
