@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.config import Config, ConfigError, load_config
+from launcher.launch.slurm_status import job_fields, recorded_jobs
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "ftl.sbatch"
 LAUNCHES = ("srun", "torchrun", "accelerate")
@@ -209,18 +210,8 @@ def submit(config: str, overrides: list[str], opts: SlurmOptions, dry_run: bool 
     return 0
 
 
-def recorded_jobs(slurm_dir: Path) -> list[str]:
-    """Job ids submitted for this run, oldest first."""
-    path = slurm_dir / "jobs.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line)["job_id"] for line in path.read_text().splitlines() if line.strip()]
-
-
 def refuse_if_active(slurm_dir: Path) -> None:
     """Two jobs training into one OUTPUT_DIR would overwrite each other's checkpoints."""
-    from launcher.launch.slurm_status import job_fields
-
     jobs = recorded_jobs(slurm_dir)
     if not jobs:
         return

@@ -10,6 +10,14 @@ from pathlib import Path
 from launcher.config import ConfigError
 
 
+def recorded_jobs(slurm_dir: Path) -> list[str]:
+    """Job ids submitted for this run, oldest first."""
+    path = slurm_dir / "jobs.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["job_id"] for line in path.read_text().splitlines() if line.strip()]
+
+
 def job_fields(job_id: str) -> dict[str, str]:
     """`scontrol show job -o` as a dict (JobState, Restarts, ExitCode, ...); {} when slurmctld has forgotten
     the job or scontrol is missing."""
@@ -75,8 +83,6 @@ def _latest_checkpoint(run: Path) -> str:
 
 def status_lines(run: Path) -> list[str]:
     """What `ftl slurm status` prints."""
-    from launcher.launch.slurm_job import recorded_jobs
-
     jobs = recorded_jobs(run / "slurm")
     if not jobs:
         raise ConfigError(
