@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher.config import AdapterSettings, ConfigError
-from launcher.methods import is_new_head
+from launcher.config import AdapterSettings
+from launcher.errors import ConfigError
+from launcher.params import is_new_head
 
 CONFIG_FILE, WEIGHTS_FILE = "ftl_adapter.json", "adapter_model.safetensors"
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU, "tanh": nn.Tanh}

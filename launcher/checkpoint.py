@@ -27,9 +27,10 @@ from typing import Any
 import torch
 
 from launcher import __version__
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.config_checks import checkpoint_root
 from launcher.dist import DistEnv, barrier
+from launcher.errors import ConfigError
 from launcher.metrics import log
 from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, side_work
 from launcher.strategies.base import Strategy

@@ -11,8 +11,9 @@ import argparse
 import os
 import sys
 
-from launcher.config import Config, ConfigError, load_config
-from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK
+from launcher.config import Config
+from launcher.config_loading import load_config
+from launcher.errors import EXIT_BAD_INPUT, EXIT_FAILED, EXIT_OK, ConfigError
 
 
 def _count(text: str) -> int:

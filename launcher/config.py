@@ -1,7 +1,6 @@
-"""The one typed run config: sections, field docs, loading with dotted overrides, and validation.
+"""The one typed run config: sections with a docstring per field, YAML reading and dotted overrides.
 
-Validation collects every problem (pydantic's and the cross-field checks below) and raises once with a
-`ConfigError` whose lines name the field path; the CLI turns it into exit code 2.
+Loading with every check (launcher/config_loading.py) collects all problems and raises one `ConfigError`.
 """
 
 from __future__ import annotations
@@ -13,13 +12,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-
-class ConfigError(Exception):
-    """Bad user input: one or more `field: reason` problems, reported together."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = problems
-        super().__init__("\n".join(problems))
+from launcher.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -348,7 +341,8 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     return raw
 
 
-def _pydantic_problems(err: ValidationError) -> list[str]:
+def pydantic_problems(err: ValidationError) -> list[str]:
+    """pydantic's validation errors as `field.path: reason` lines."""
     out = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith(("function-", "literal[")))
@@ -357,24 +351,3 @@ def _pydantic_problems(err: ValidationError) -> list[str]:
             msg += " (check the spelling; `ftl validate` prints every known key's default)"
         out.append(f"{loc}: {msg}")
     return out
-
-
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, cuda: bool | None = None) -> Config:
-    """Load, override, type-check and cross-check a config; raise ConfigError with every problem.
-
-    `cuda`: whether the run's ranks will have a CUDA GPU; None means this machine decides (a SLURM login
-    node without GPUs passes what the job will have)."""
-    from launcher.config_checks import cross_field_problems, cuda_available, qlora_problems
-
-    raw = read_yaml(path) if path is not None else {}
-    problems = apply_overrides(raw, overrides or [])
-    if isinstance(raw.get("method"), dict):
-        problems += qlora_problems(raw["method"])
-    try:
-        cfg = Config.model_validate(raw)
-    except ValidationError as err:
-        raise ConfigError(problems + _pydantic_problems(err)) from None
-    problems += cross_field_problems(cfg, cuda_available() if cuda is None else cuda)
-    if problems:
-        raise ConfigError(problems)
-    return cfg

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from launcher.config import Config, ConfigError, load_config
+from launcher.config import Config
+from launcher.config_loading import load_config
+from launcher.errors import ConfigError
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, load_base_model, load_tokenizer

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.config import Config
+from launcher.params import param_numel
 
 if TYPE_CHECKING:  # torch-free at import: `ftl estimate` asks method_traits without loading torch
     from torch import nn
@@ -66,7 +67,7 @@ def num_layers(model: nn.Module) -> int:
 def freeze(model: nn.Module, cfg: Config) -> None:
     """Freeze what `method.freeze` names, on top of what the method already froze. Tied weights (an
     output layer sharing the embedding matrix) are one parameter: freezing embeddings freezes both."""
-    from launcher.config import ConfigError
+    from launcher.errors import ConfigError
 
     f = cfg.method.freeze
     patterns = {p: re.compile(p) for p in f.patterns}
@@ -87,16 +88,6 @@ def freeze(model: nn.Module, cfg: Config) -> None:
         raise ConfigError(problems)
 
 
-def is_new_head(name: str) -> bool:
-    """A sequence-classification head is new (not pre-trained): it trains whatever the method."""
-    return name.startswith(("score.", "classifier."))
-
-
-def is_adapter(name: str) -> bool:
-    """A tensor a method added to the pre-trained model (LoRA, bottleneck adapters)."""
-    return "lora_" in name or "_adapter." in name or "prompt_encoder." in name
-
-
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """(name, parameter) of everything that trains, in the model's order; names as the bare model has them."""
     return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
@@ -104,8 +95,6 @@ def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
 
 def trainable_by_block(model: nn.Module) -> dict[int, int]:
     """Trainable elements per depth (-1 embeddings, 0..L-1 blocks, L head), for the start-up log."""
-    from launcher.model import param_numel
-
     layers = num_layers(model)
     counts = dict.fromkeys(range(-1, layers + 1), 0)
     for name, p in trainable_parameters(model):

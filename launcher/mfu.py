@@ -21,7 +21,7 @@ import time
 import torch
 from torch import nn
 
-from launcher.model import param_numel
+from launcher.params import param_numel
 from launcher.paths import cache_dir
 
 # dense bf16 TFLOP/s per device (vendor datasheets; SXM parts where two exist), matched by substring

@@ -7,9 +7,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
+from launcher.errors import ConfigError
 from launcher.loss import install_label_only_head
 from launcher.methods import freeze
+from launcher.params import param_numel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -174,15 +176,6 @@ def virtual_token_config(cfg: Config) -> Any:
         text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": s.init_text}
         text["tokenizer_name_or_path"] = tokenizer
     return PromptTuningConfig(task_type=task, num_virtual_tokens=s.num_virtual_tokens, **text)
-
-
-def param_numel(p: torch.Tensor) -> int:
-    """Elements a parameter stands for: 4-bit weights count their unpacked shape; ZeRO-3 partitions
-    parameters (numel() is 0 there), ds_numel is the full size."""
-    quant_state = getattr(p, "quant_state", None)
-    if quant_state is not None:
-        return int(torch.Size(quant_state.shape).numel())
-    return int(getattr(p, "ds_numel", p.numel()))
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from launcher.config import TrainConfig
-from launcher.methods import block_of, is_adapter, is_new_head, num_layers
+from launcher.methods import block_of, num_layers
+from launcher.params import is_adapter, is_new_head
 
 
 def param_groups(t: TrainConfig, named: Iterable[tuple[str, nn.Parameter]], layers: int) -> list[dict]:

@@ -14,8 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.config_checks import checkpoint_root
+from launcher.errors import ConfigError
 from launcher.strategies.traits import traits
 
 GiB = 2**30

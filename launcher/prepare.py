@@ -14,11 +14,12 @@ from typing import Any
 
 import yaml
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.data.splits import DataSplits, read_splits, tokenize_tasks
 from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import Samples, token_cache_dir
+from launcher.errors import ConfigError
 from launcher.launch.world import env_world
 from launcher.run_lock import lock_output_dir
 

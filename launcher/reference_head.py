@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.data.formats import IGNORE
+from launcher.errors import ConfigError
 
 MASK_SHARE = 0.15
 _HASH_MOD = 10_007

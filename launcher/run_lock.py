@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import IO
 
-from launcher.config import ConfigError
+from launcher.errors import ConfigError
 
 LOCK_FILE = ".lock"
 _held: list[IO[str]] = []  # open lock files of this process: closing one would release its lock

@@ -8,9 +8,10 @@ from typing import Any
 import torch
 
 from launcher.attention import NAME as SEGMENT_ATTENTION
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.data import Collator, DataSplits, GlobalBatchSampler
 from launcher.dist import DistEnv, all_reduce_sum
+from launcher.errors import ConfigError
 from launcher.estimate import resolve_checkpointing
 from launcher.launch.allocator import active_allocator
 from launcher.methods import method_traits, trainable_by_block

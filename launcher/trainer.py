@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainState, disk_full
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.config_checks import strategy_problems
 from launcher.data import Collator, DataSplits, GlobalBatchSampler, MixtureSampler, label_token_count
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
-from launcher.errors import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED
+from launcher.errors import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED, ConfigError
 from launcher.evaluation import Evaluator, report_forgetting, to_device
 from launcher.l2sp import L2SP
 from launcher.loss import TaskLosses, loss_sum

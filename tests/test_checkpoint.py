@@ -11,8 +11,9 @@ from helpers import base_config, ftl, write_config
 
 from launcher import checkpoint
 from launcher.checkpoint import CheckpointManager, complete_checkpoints
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.dist import DistEnv
+from launcher.errors import ConfigError
 
 
 def test_a_kill_while_pruning_leaves_no_complete_checkpoint_without_weights(

@@ -8,7 +8,8 @@ import pytest
 import yaml
 from helpers import base_config, ftl, write_config
 
-from launcher.config import ConfigError, load_config
+from launcher.config_loading import load_config
+from launcher.errors import ConfigError
 
 
 @pytest.fixture

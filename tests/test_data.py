@@ -11,11 +11,12 @@ from helpers import base_config, reverse_rows, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from launcher.attention import NAME as SEGMENT_ATTENTION
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.data import Collator, GlobalBatchSampler, collate, read_splits, tokenize_split
 from launcher.data.batches import concat_is_cheaper
 from launcher.data.formats import IGNORE
 from launcher.data.tokenized import pack, tokenize_rows
+from launcher.errors import ConfigError
 from launcher.loss import loss_sum
 
 

@@ -10,7 +10,7 @@ import torch
 from helpers import base_config, ftl, read_metrics, write_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from launcher.config import load_config
+from launcher.config_loading import load_config
 from launcher.data import collate
 from launcher.data.tokenized import tokenize_rows
 from launcher.launch.allocator import find_tcmalloc

@@ -238,7 +238,7 @@ def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_da
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (Path(__file__).parents[1] / "examples").glob("*.yaml")))
 def test_every_example_config_is_valid(models: dict, toy_data: dict, example: str) -> None:
-    from launcher.config import load_config
+    from launcher.config_loading import load_config
 
     path = Path(__file__).parents[1] / "examples" / example
     classify = "task: sequence_classification" in path.read_text()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.config import ConfigError
+from launcher.errors import ConfigError
 
 IGNORE = -100
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n### Response:\n"

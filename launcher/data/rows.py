@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from launcher.config import ConfigError
+from launcher.errors import ConfigError
 
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "chat": ("messages",),

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.data.formats import require_chat_template
 from launcher.data.rows import load_split
 from launcher.data.tokenized import (
@@ -21,6 +21,7 @@ from launcher.data.tokenized import (
     token_cache_dir,
     tokenize_rows,
 )
+from launcher.errors import ConfigError
 from launcher.launch.world import env_world
 
 

@@ -13,7 +13,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
+from launcher.errors import ConfigError
 
 Setting = tuple[str, Any, str]  # (dotted config field, value, where it came from)
 

@@ -17,7 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.config import Config, ConfigError, load_config
+from launcher.config import Config
+from launcher.config_loading import load_config
+from launcher.errors import ConfigError
 from launcher.launch.slurm_status import job_fields, recorded_jobs
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "ftl.sbatch"

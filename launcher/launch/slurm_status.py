@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from launcher.config import ConfigError
+from launcher.errors import ConfigError
 
 
 def recorded_jobs(slurm_dir: Path) -> list[str]:

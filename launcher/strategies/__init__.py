@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
+from launcher.errors import ConfigError
 
 if TYPE_CHECKING:  # keep `ftl validate` free of torch: this package's __init__ imports nothing heavy
     from launcher.dist import DistEnv

@@ -14,7 +14,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
+from launcher.errors import ConfigError
 
 PRESETS_DIR = Path(__file__).resolve().parents[2] / "ds_configs"
 OFFLOAD_KINDS = ("none", "optimizer", "params", "all")

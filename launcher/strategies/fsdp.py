@@ -34,8 +34,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from launcher.config import Config, ConfigError
+from launcher.config import Config
 from launcher.dist import DistEnv, backend_for
+from launcher.errors import ConfigError
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, build_meta_model

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from launcher.checkpoint import TrainState
-from launcher.config import load_config
+from launcher.config_loading import load_config
 from launcher.dist import init_distributed, shutdown
 from launcher.model import load_tokenizer
 from launcher.optim import optimizer_factory

@@ -293,7 +293,8 @@ def test_contradicting_user_json_is_exit_2_naming_both(tmp_path: Path, models: d
 
 def test_config_checks_without_a_process(tmp_path: Path) -> None:
     """The cheap check (no torch, no ranks): presets fill "auto", contradictions and bad combinations are named."""
-    from launcher.config import Config, ConfigError
+    from launcher.config import Config
+    from launcher.errors import ConfigError
     from launcher.strategies.ds_config import build_ds_config, config_problems
 
     cfg = Config.model_validate(
@@ -359,7 +360,7 @@ def _checkpoint_job(phase: str, config: str) -> None:
     resume: load the matching 2-rank run's checkpoint, steps 3-4 (resumed). Rank 0 writes OUTPUT_DIR/ckpt.json."""
     import functools
 
-    from launcher.config import load_config
+    from launcher.config_loading import load_config
     from launcher.dist import init_distributed
     from launcher.model import load_tokenizer
     from launcher.optim import optimizer_factory
