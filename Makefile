@@ -30,11 +30,12 @@ demo: install
 test: install
 	$(BIN)/ruff check launcher tests scripts
 	$(BIN)/ruff format --check launcher tests scripts
+	$(BIN)/lint-imports  # the layers in pyproject.toml: no import climbs back up, no cycle
 	@# pytest-randomly (dev extra) runs the tests in a new random order each time and prints the seed
 	$(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check launcher tests scripts && $(BIN)/ruff format --check launcher tests scripts
+	$(BIN)/ruff check launcher tests scripts && $(BIN)/ruff format --check launcher tests scripts && $(BIN)/lint-imports
 
 bench: install
 	$(BIN)/python scripts/bench_train.py

@@ -17,7 +17,6 @@ import errno
 import hashlib
 import json
 import os
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, fields
@@ -33,10 +32,9 @@ from launcher.dist import DistEnv, barrier
 from launcher.errors import ConfigError
 from launcher.metrics import log
 from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, side_work
+from launcher.run_dir import MARKER, STEP_DIR, complete_checkpoints, latest_checkpoint
 from launcher.strategies.base import Strategy
 
-MARKER = "COMPLETE"
-STEP_DIR = re.compile(r"^step-(\d{8})$")
 # "STEP:SECONDS[,STEP:SECONDS...]": the write of those steps' checkpoints pauses before the rename (tests kill
 # or signal a run at a known point).
 SLOW_WRITE_ENV = "FTL_TEST_SLOW_CHECKPOINT"
@@ -84,19 +82,6 @@ def disk_full(err: BaseException, where: Path) -> bool:
 
 def config_hash(cfg: Config) -> str:
     return hashlib.sha256(cfg.to_yaml().encode()).hexdigest()[:16]
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoint directories, oldest first."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if STEP_DIR.match(p.name) and (p / MARKER).is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
-
-
-def latest_checkpoint(root: Path) -> Path | None:
-    done = complete_checkpoints(root)
-    return done[-1] if done else None
 
 
 def _fsync_tree(path: Path) -> None:

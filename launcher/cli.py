@@ -100,7 +100,7 @@ def resolved_config(args: argparse.Namespace) -> Config:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = resolved_config(args)
-    from launcher.prepare import check_inputs
+    from launcher.input_checks import check_inputs
 
     check_inputs(cfg)
     print(cfg.to_yaml(), end="")
@@ -109,7 +109,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     cfg = resolved_config(args)
-    from launcher.prepare import check_inputs
+    from launcher.input_checks import check_inputs
 
     check_inputs(cfg, args.nproc if args.nproc > 1 else None)  # before torch is even imported
     if args.nproc > 1:
@@ -128,7 +128,7 @@ def _leave_rank(code: int) -> None:
     """End a rank process of a multi-rank run without interpreter finalisation. The run is over, saved, and
     its process group destroyed, but now and then a gloo worker thread still met teardown and aborted the
     rank ("terminate called without an active exception", exit 250) after a complete run (seen in CI)."""
-    from launcher.launch.world import env_world
+    from launcher.world import env_world
 
     if env_world()[1] > 1:
         sys.stdout.flush()

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from launcher.launch.world import cpu_threads_per_rank, env_world, slurm_rendezvous
+from launcher.world import cpu_threads_per_rank, env_world, slurm_rendezvous
 
 
 def backend_for(device: torch.device) -> str:

@@ -15,11 +15,14 @@ import torch
 from torch import nn
 
 from launcher.config import Config
+from launcher.config_checks import checkpoint_root
 from launcher.config_loading import load_config
 from launcher.errors import ConfigError
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
-from launcher.model import DTYPES, load_base_model, load_tokenizer
+from launcher.model import DTYPES, build_model, load_base_model, load_tokenizer
+from launcher.run_dir import MARKER
+from launcher.strategies.traits import traits
 
 
 def dequantize_4bit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
@@ -56,17 +59,12 @@ def merged_model(cfg: Config, adapter_dir: Path) -> nn.Module:
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The trained tensors of a complete checkpoint of any strategy, consolidated on CPU."""
-    from launcher.strategies.traits import traits
-
     strategy = json.loads((ckpt / "trainer_state.json").read_text())["strategy"]
     return traits(strategy).read_weights(ckpt / "model")
 
 
 def checkpoint_to_hf(cfg: Config, ckpt: Path, out: Path) -> Path:
     """Rebuild the model, load a checkpoint's trained tensors into it, and save it like `final/`."""
-    from launcher.checkpoint import MARKER
-    from launcher.model import build_model
-
     if not (ckpt / MARKER).is_file():
         raise ConfigError([f"--checkpoint: {ckpt} is not a complete checkpoint (no {MARKER} marker)"])
     weights = checkpoint_weights(ckpt)
@@ -90,8 +88,6 @@ def export_run(run_dir: str, out: str, merge: bool = False, checkpoint: str | No
         raise ConfigError([f"run_dir: {run} has no config.yaml (is it an ftl output_dir?)"])
     cfg = load_config(run / "config.yaml")
     if checkpoint:
-        from launcher.config_checks import checkpoint_root
-
         ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else checkpoint_root(cfg) / checkpoint
         with tempfile.TemporaryDirectory() as tmp:
             source = checkpoint_to_hf(cfg, ckpt, Path(tmp) / "model")

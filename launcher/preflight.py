@@ -16,8 +16,15 @@ from pathlib import Path
 
 from launcher.config import Config
 from launcher.config_checks import checkpoint_root
+from launcher.dist import DistEnv
 from launcher.errors import ConfigError
+from launcher.input_checks import check_inputs
+from launcher.metrics import log
+from launcher.model import build_meta_model, param_counts
+from launcher.prepare import check_output_dir
+from launcher.strategies.base import Strategy
 from launcher.strategies.traits import traits
+from launcher.world import free_port
 
 GiB = 2**30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -86,8 +93,6 @@ def gpu_problems(cfg: Config, nproc: int) -> list[str]:
 
 def model_size(cfg: Config) -> tuple[int, int]:
     """(trainable, total) parameters of the model as configured (method attached), built on the meta device."""
-    from launcher.model import build_meta_model, param_counts
-
     try:
         return param_counts(build_meta_model(cfg))
     except (OSError, ValueError) as err:
@@ -96,8 +101,6 @@ def model_size(cfg: Config) -> tuple[int, int]:
 
 def rendezvous_problems(nproc: int, timeout_s: float = 120) -> tuple[list[str], str]:
     """Start `nproc` real ranks that join a process group and all-reduce once; (problems, what happened)."""
-    from launcher.launch.world import free_port
-
     port = os.environ.get("MASTER_PORT") or str(free_port())
     env = {**os.environ, "MASTER_ADDR": os.environ.get("MASTER_ADDR", "127.0.0.1"), "MASTER_PORT": port}
     procs = []
@@ -121,8 +124,6 @@ def rendezvous_problems(nproc: int, timeout_s: float = 120) -> tuple[list[str], 
 
 def run_check(cfg: Config, nproc: int) -> int:
     """`ftl check`: print each check, raise ConfigError with every problem (exit 2)."""
-    from launcher.prepare import check_inputs, check_output_dir
-
     problems: list[str] = []
     for step in (lambda: check_inputs(cfg, nproc if nproc > 1 else None), lambda: check_output_dir(cfg)):
         try:
@@ -149,3 +150,14 @@ def run_check(cfg: Config, nproc: int) -> int:
         raise ConfigError(problems)
     print("ready to train")
     return 0
+
+
+def check_room(cfg: Config, strategy: Strategy, env: DistEnv) -> None:
+    """`ftl check`'s cheap parts before the first step: W&B can log (else exit 2); the disk has room for the
+    checkpoints and final model (an estimate: a warning)."""
+    problems = wandb_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    if env.is_main:
+        for problem in disk_problems(cfg, *param_counts(strategy.unwrapped)):
+            log(f"warning: {problem}")

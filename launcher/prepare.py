@@ -20,8 +20,8 @@ from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import Samples, token_cache_dir
 from launcher.errors import ConfigError
-from launcher.launch.world import env_world
 from launcher.run_lock import lock_output_dir
+from launcher.world import env_world
 
 # Fields that may change between runs in one output_dir without changing what the run means. The split of
 # the global batch into micro-batches, accumulation and ranks may change too: resume checks the product, and
@@ -119,17 +119,3 @@ def _tokenized(rows: list[dict], parts: list[int] | None, cfg: Config, tokenizer
     if parts is None:
         return _tokenize(rows, cfg, tokenizer, field, build=True)
     return tokenize_tasks(rows, parts, cfg, tokenizer, field)
-
-
-def check_inputs(cfg: Config, world_size: int | None = None) -> None:
-    """The cheap checks run before anything heavy: data files and rows, a DeepSpeed JSON against the config."""
-    from launcher.strategies.ds_config import check_deepspeed_config
-
-    problems = []
-    for check in (lambda: read_splits(cfg), lambda: check_deepspeed_config(cfg, world_size)):
-        try:
-            check()
-        except ConfigError as err:
-            problems += err.problems
-    if problems:
-        raise ConfigError(problems)

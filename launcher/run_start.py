@@ -11,7 +11,6 @@ from launcher.attention import NAME as SEGMENT_ATTENTION
 from launcher.config import Config
 from launcher.data import Collator, DataSplits, GlobalBatchSampler
 from launcher.dist import DistEnv, all_reduce_sum
-from launcher.errors import ConfigError
 from launcher.estimate import resolve_checkpointing
 from launcher.launch.allocator import active_allocator
 from launcher.methods import method_traits, trainable_by_block
@@ -57,19 +56,6 @@ def describe_tasks(cfg: Config, sampler: GlobalBatchSampler) -> None:
         for n, t, size in zip(names, tasks, sampler.task_sizes, strict=True)
     ]
     log("tasks: " + "; ".join(shares))
-
-
-def check_room(cfg: Config, strategy: Strategy, env: DistEnv) -> None:
-    """`ftl check`'s cheap parts before the first step: W&B can log (else exit 2); the disk has room for the
-    checkpoints and final model (an estimate: a warning)."""
-    from launcher.preflight import disk_problems, wandb_problems
-
-    problems = wandb_problems(cfg)
-    if problems:
-        raise ConfigError(problems)
-    if env.is_main:
-        for problem in disk_problems(cfg, *param_counts(strategy.unwrapped)):
-            log(f"warning: {problem}")
 
 
 def describe_sharding(strategy: Strategy, env: DistEnv) -> None:

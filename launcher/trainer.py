@@ -26,9 +26,9 @@ from launcher.loss import TaskLosses, loss_sum
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
 from launcher.model import load_tokenizer
 from launcher.optim import group_lrs, lr_factor, optimizer_factory, set_lr, unfreeze_period
+from launcher.preflight import check_room
 from launcher.prepare import prepare_data, prepare_output_dir
 from launcher.run_start import (
-    check_room,
     decide_checkpointing,
     describe_sharding,
     describe_start,

@@ -10,10 +10,11 @@ import pytest
 from helpers import base_config, ftl, write_config
 
 from launcher import checkpoint
-from launcher.checkpoint import CheckpointManager, complete_checkpoints
+from launcher.checkpoint import CheckpointManager
 from launcher.config import Config
 from launcher.dist import DistEnv
 from launcher.errors import ConfigError
+from launcher.run_dir import complete_checkpoints
 
 
 def test_a_kill_while_pruning_leaves_no_complete_checkpoint_without_weights(

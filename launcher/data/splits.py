@@ -22,7 +22,7 @@ from launcher.data.tokenized import (
     tokenize_rows,
 )
 from launcher.errors import ConfigError
-from launcher.launch.world import env_world
+from launcher.world import env_world
 
 
 @dataclass

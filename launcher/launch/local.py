@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from launcher.launch.world import free_port
+from launcher.world import free_port
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 FAILED_RANK_GRACE = 30.0  # seconds the other ranks get to end on their own after one rank failed

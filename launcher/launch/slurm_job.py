@@ -161,7 +161,8 @@ def render(template: str, header: list[str], settings: list[str]) -> str:
 
 def job_script(config: str, overrides: list[str], opts: SlurmOptions) -> tuple[Config, str]:
     """Validate everything a login node can (config for the job's device, data, options), then render."""
-    from launcher.prepare import check_inputs, check_output_dir
+    from launcher.input_checks import check_inputs
+    from launcher.prepare import check_output_dir
 
     problems = options_problems(opts)
     try:

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 from launcher.errors import ConfigError
+from launcher.run_dir import latest_checkpoint
 
 
 def recorded_jobs(slurm_dir: Path) -> list[str]:
@@ -71,8 +72,6 @@ def _last_step(run: Path) -> dict | None:
 
 def _latest_checkpoint(run: Path) -> str:
     import yaml
-
-    from launcher.checkpoint import latest_checkpoint
 
     saved = run / "config.yaml"
     custom = (yaml.safe_load(saved.read_text()) or {}).get("checkpoint", {}).get("dir") if saved.is_file() else None

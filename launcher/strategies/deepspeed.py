@@ -28,13 +28,13 @@ from torch import nn
 
 from launcher.config import Config
 from launcher.dist import DistEnv, backend_for
-from launcher.launch.world import free_port
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES
 from launcher.optim import zero_inactive_gradients_in_backward
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
 from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, stage_and_offload
+from launcher.world import free_port
 
 CKPT_TAG = "state"
 CKPT_META = "ftl_deepspeed.json"

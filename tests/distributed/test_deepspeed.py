@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # helpers, when ru
 
 from helpers import ROOT, base_config, ftl, read_metrics, write_config
 
-from launcher.launch.world import free_port
+from launcher.world import free_port
 
 pytestmark = pytest.mark.slow
 THIS = Path(__file__).resolve()

@@ -15,7 +15,7 @@ import torch
 from helpers import ROOT, base_config, ftl, read_metrics, reverse_rows, write_config, write_jsonl
 from safetensors.torch import load_file
 
-from launcher.launch.world import free_port
+from launcher.world import free_port
 
 pytestmark = pytest.mark.slow
 DRIVER = Path(__file__).with_name("fsdp_ckpt_driver.py")

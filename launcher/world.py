@@ -3,7 +3,7 @@
 Under SLURM the rendezvous is the first host of the job's node list, at a port derived from the job id (two
 jobs sharing a node never collide). Node names need not be DNS names: when the first host does not resolve,
 the address SLURM holds for it (`NodeAddr`) is used. The job script asks this module once, in the batch
-shell (`python -m launcher.launch.world` prints `ADDR PORT`); ranks started by a bare `srun ftl train` ask
+shell (`python -m launcher.world` prints `ADDR PORT`); ranks started by a bare `srun ftl train` ask
 it themselves.
 """
 
