@@ -31,9 +31,11 @@ from launcher.config_checks import checkpoint_root
 from launcher.dist import DistEnv, barrier
 from launcher.errors import ConfigError
 from launcher.metrics import log
+from launcher.prepare import flatten, meaningful_changes
 from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, side_work
 from launcher.run_dir import MARKER, STEP_DIR, complete_checkpoints, latest_checkpoint
 from launcher.strategies.base import Strategy
+from launcher.strategies.traits import traits
 
 # "STEP:SECONDS[,STEP:SECONDS...]": the write of those steps' checkpoints pauses before the rename (tests kill
 # or signal a run at a known point).
@@ -239,8 +241,6 @@ class CheckpointManager:
             seed_global_streams(seed + self.env.rank + step * 1_000_003)
 
     def _check_compatible(self, saved: dict[str, Any]) -> None:
-        from launcher.prepare import meaningful_changes
-
         old, new = saved["config"], self.cfg.model_dump(mode="json")
         problems = [
             f"{k}: changed since the checkpoint ({_get(old, k)!r} -> {_get(new, k)!r}); it changes what the run means"
@@ -265,8 +265,6 @@ class CheckpointManager:
 
 def harmless_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """'field (old -> new)' for each field that differs but does not change what the run means."""
-    from launcher.prepare import flatten, meaningful_changes
-
     a, b = flatten(old), flatten(new)
     meaningful = set(meaningful_changes(old, new))
     return [
@@ -284,8 +282,6 @@ def _pause_for_tests(step: int) -> None:
 
 
 def _family(strategy: str) -> str:
-    from launcher.strategies.traits import traits
-
     return traits(strategy).family
 
 

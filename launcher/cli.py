@@ -1,4 +1,8 @@
-"""`ftl` subcommands: parse, call, and map errors to exit codes. Heavy imports happen inside commands.
+"""`ftl` subcommands: parse, call, and map errors to exit codes.
+
+Each command imports what it runs inside its own function: that keeps the light commands (`validate`,
+`estimate`, `slurm status`) free of torch and `--help` instant. These are the only function-local imports of
+ftl modules besides the strategies' (launcher/strategies/__init__.py) and methods.py's adapters.
 
 Exit codes: 0 success; 1 the run failed; 2 bad input (config, data, paths), reported before heavy work;
 3 stopped early on request (signal, STOP file, max_minutes) with a checkpoint saved: rerun to resume;

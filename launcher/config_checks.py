@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import ValidationError
 
 from launcher.config import Config, QLoraSettings
+from launcher.methods import method_traits
+from launcher.strategies.traits import traits
 
 
 def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
@@ -75,8 +77,6 @@ def model_path_problems(cfg: Config) -> list[str]:
 def strategy_problems(cfg: Config, strategy: str, cuda: bool) -> list[str]:
     """What the strategy cannot do with this config: checked at validation for an explicit strategy, and
     again by the trainer once `auto` is resolved (from the launcher's environment)."""
-    from launcher.strategies.traits import traits
-
     p: list[str] = []
     declared = traits(strategy)
     if cfg.train.precision == "fp16" and declared and declared.fp16_needs_cuda and not cuda:
@@ -96,8 +96,6 @@ def checkpoint_root(cfg: Config) -> Path:
 
 def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
     """The problem with `checkpoint.resume: PATH` when `strategy` stores pickles and PATH is not this run's own."""
-    from launcher.strategies.traits import traits
-
     resume, declared = cfg.checkpoint.resume, traits(strategy)
     if declared is None or not declared.unpickles or resume in ("auto", "never"):
         return None
@@ -167,8 +165,6 @@ def transfer_problems(cfg: Config) -> list[str]:
             p.append(f"method.freeze.patterns: {pattern!r} is not a valid regex ({err})")
     if cfg.train.schedule == "stlr" and cfg.train.warmup_steps:
         p.append("train.warmup_steps: schedule stlr rises over train.stlr.cut_frac of the steps itself; set 0")
-    from launcher.methods import method_traits
-
     if cfg.data.packing and not method_traits(cfg.method.kind).concatenates:
         p.append(
             f"data.packing: method.kind {cfg.method.kind} prepends virtual tokens to each row, which cannot "

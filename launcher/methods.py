@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from launcher.config import Config
+from launcher.errors import ConfigError
 from launcher.params import param_numel
 
 if TYPE_CHECKING:  # torch-free at import: `ftl estimate` asks method_traits without loading torch
@@ -67,8 +68,6 @@ def num_layers(model: nn.Module) -> int:
 def freeze(model: nn.Module, cfg: Config) -> None:
     """Freeze what `method.freeze` names, on top of what the method already froze. Tied weights (an
     output layer sharing the embedding matrix) are one parameter: freezing embeddings freezes both."""
-    from launcher.errors import ConfigError
-
     f = cfg.method.freeze
     patterns = {p: re.compile(p) for p in f.patterns}
     matched: set[str] = set()
@@ -106,7 +105,7 @@ def save_trained_model(cfg: Config, model: nn.Module, directory: Path, state: di
     """Write the final model as the method stores it: a Hugging Face directory (full), a PEFT adapter
     (LoRA/QLoRA), or ftl's bottleneck adapters. `state`: tensors gathered by a sharding strategy."""
     if cfg.method.kind == "adapter":
-        from launcher.adapters import adapter_state, save_adapter
+        from launcher.adapters import adapter_state, save_adapter  # torch: methods stay torch-free for estimate
 
         save_adapter(model, directory, cfg.method.adapter, state if state is not None else adapter_state(model))
         return

@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from launcher.adapters import attach_adapters
+from launcher.attention import NAME as SEGMENT_ATTENTION
 from launcher.config import Config
 from launcher.errors import ConfigError
 from launcher.loss import install_label_only_head
@@ -48,8 +50,6 @@ def load_base_model(
 ) -> nn.Module:
     """The pre-trained model (4-bit when quantize) for the configured task."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from launcher.attention import NAME as SEGMENT_ATTENTION
 
     kwargs: dict[str, Any] = {
         "dtype": DTYPES[cfg.model.dtype],
@@ -151,8 +151,6 @@ def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = Fals
         torch.manual_seed(cfg.train.seed)
         model = get_peft_model(model, virtual_token_config(cfg))
     if kind == "adapter":
-        from launcher.adapters import attach_adapters
-
         torch.manual_seed(cfg.train.seed)
         attach_adapters(model, cfg.method.adapter)
     freeze(model, cfg)
@@ -194,8 +192,6 @@ def build_meta_model(cfg: Config) -> nn.Module:
     It must match rank 0's model name for name; `set_model_state_dict(strict)` checks that it does.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from launcher.attention import NAME as SEGMENT_ATTENTION
 
     m = cfg.model
     classify = m.task == "sequence_classification"

@@ -19,6 +19,7 @@ from torch import nn
 from launcher.config import Config
 from launcher.data.formats import IGNORE
 from launcher.errors import ConfigError
+from launcher.model import DTYPES
 
 MASK_SHARE = 0.15
 _HASH_MOD = 10_007
@@ -68,8 +69,6 @@ def load_reference_head(cfg: Config, tokenizer: Any, device: torch.device) -> Pr
     """The checkpoint's pre-trained LM head; ConfigError (exit 2) when the checkpoint has none."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
-
-    from launcher.model import DTYPES
 
     m = cfg.model
     causal = AutoConfig.from_pretrained(m.path, trust_remote_code=m.trust_remote_code).model_type not in (

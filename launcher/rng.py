@@ -9,40 +9,50 @@ dropout masks the next step draws.
 
 The trainer sets the streams (seeds them, or restores a checkpoint's) as the last thing before its first step,
 so nothing set up before the loop can move them either.
+
+torch's streams are handled once torch is loaded (before that nothing can have drawn from them): `ftl
+validate` and the other light commands log through modules that use this one, and stay free of torch.
 """
 
 from __future__ import annotations
 
 import functools
 import random
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import ModuleType
 from typing import Any, TypeVar
 
 import numpy as np
-import torch
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _torch() -> ModuleType | None:
+    return sys.modules.get("torch")
 
 
 def seed_global_streams(seed: int) -> None:
     """Seed torch (CPU and every CUDA device), NumPy's legacy global generator and Python's `random`."""
     seed %= 2**32  # NumPy's limit
-    torch.manual_seed(seed)
     random.seed(seed)
     np.random.seed(seed)
+    torch = _torch()
+    if torch is not None:
+        torch.manual_seed(seed)
 
 
 def global_streams_state() -> dict[str, Any]:
     """Every global stream's state: tensors and plain values only, so it loads with weights_only=True."""
     np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": [np_state[0], np_state[1].copy(), *np_state[2:]]}
+    torch = _torch()
+    if torch is not None:
+        state["numpy"][1] = torch.from_numpy(state["numpy"][1])  # a tensor: checkpoints load weights_only
+        state["torch"] = torch.get_rng_state()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
@@ -50,10 +60,12 @@ def set_global_streams(state: dict[str, Any]) -> None:
     """Put every global stream back to `state` (from `global_streams_state`)."""
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    np.random.set_state((kind, np.asarray(keys), *rest))
+    torch = _torch()
+    if torch is not None and "torch" in state:
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @contextmanager

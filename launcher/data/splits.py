@@ -22,6 +22,7 @@ from launcher.data.tokenized import (
     tokenize_rows,
 )
 from launcher.errors import ConfigError
+from launcher.metrics import log
 from launcher.world import env_world
 
 
@@ -139,8 +140,6 @@ def check_dropped(samples: Samples, total: int, cfg: Config, field: str) -> Samp
             ]
         )
     if env_world()[0] == 0:
-        from launcher.metrics import log
-
         log(f"{what}; they are left out")
     return samples
 

@@ -20,7 +20,9 @@ from pathlib import Path
 from launcher.config import Config
 from launcher.config_loading import load_config
 from launcher.errors import ConfigError
+from launcher.input_checks import check_inputs
 from launcher.launch.slurm_status import job_fields, recorded_jobs
+from launcher.prepare import check_output_dir
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "ftl.sbatch"
 LAUNCHES = ("srun", "torchrun", "accelerate")
@@ -161,8 +163,6 @@ def render(template: str, header: list[str], settings: list[str]) -> str:
 
 def job_script(config: str, overrides: list[str], opts: SlurmOptions) -> tuple[Config, str]:
     """Validate everything a login node can (config for the job's device, data, options), then render."""
-    from launcher.input_checks import check_inputs
-    from launcher.prepare import check_output_dir
 
     problems = options_problems(opts)
     try:

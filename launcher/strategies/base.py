@@ -20,7 +20,9 @@ from torch import nn
 from launcher.config import Config
 from launcher.dist import DistEnv
 from launcher.methods import save_trained_model, trainable_parameters
+from launcher.model import build_model
 from launcher.optim import drop_inactive_gradients
+from launcher.strategies.traits import traits
 
 OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]  # trainable (name, param)
 
@@ -39,8 +41,6 @@ class Strategy(ABC):
 
     def build_model(self) -> nn.Module:
         """Load the model for this strategy (sharded strategies may load on meta / rank 0 only)."""
-        from launcher.model import build_model
-
         return build_model(self.cfg, self.env.device)
 
     @abstractmethod
@@ -169,8 +169,6 @@ class Strategy(ABC):
 
     def optimizer_holds_shards(self) -> bool:
         """Whether each rank's optimizer holds only its share of the trained weights."""
-        from launcher.strategies.traits import traits
-
         return "optimizer" in traits(self.name).sharded_state(getattr(self, "stage", 0))
 
     def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:

@@ -30,7 +30,7 @@ from launcher.config import Config
 from launcher.dist import DistEnv, backend_for
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
-from launcher.model import DTYPES
+from launcher.model import DTYPES, build_model
 from launcher.optim import zero_inactive_gradients_in_backward
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
 from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, stage_and_offload
@@ -100,8 +100,6 @@ class DeepSpeedStrategy(Strategy):
         """The model for this stage. ZeRO-3 (not QLoRA) builds it under deepspeed.zero.Init through
         transformers' HfDeepSpeedConfig, so each rank only ever holds its partition; QLoRA under ZeRO-3 loads
         whole, 4-bit weights in float storage, and the engine partitions it in setup."""
-        from launcher.model import build_model
-
         init_deepspeed_dist(self.env, self.cfg.distributed.timeout_minutes)
         if self.stage == 3 and self.cfg.method.kind != "qlora":
             from transformers import AutoConfig

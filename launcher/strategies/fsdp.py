@@ -39,7 +39,7 @@ from launcher.dist import DistEnv, backend_for
 from launcher.errors import ConfigError
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
-from launcher.model import DTYPES, build_meta_model
+from launcher.model import DTYPES, build_meta_model, build_model
 from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
 
 MP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -118,8 +118,6 @@ class FSDPStrategy(Strategy):
 
     def build_model(self) -> nn.Module:
         """Rank 0 loads the weights (on CPU when the run uses CUDA); the other ranks build on meta."""
-        from launcher.model import build_model
-
         ensure_process_group(self.env)
         if self.cfg.method.kind == "qlora":
             return build_model(self.cfg, self.env.device, quant_storage=self.quant_storage())
