@@ -235,11 +235,21 @@ def optimizer_step_bytes(cfg: Config, shape: Shape, p: dict[str, float], shards:
     return temporaries * largest * DTYPE_BYTES[cfg.model.dtype] / shards
 
 
-def checkpoint_bytes(cfg: Config, shape: Shape) -> float:
-    """One checkpoint: the trainable weights (adapters, or the whole model) and their optimizer state."""
-    p = parameter_bytes(cfg, shape)
-    own = p["trainable"] * (4 if method_traits(cfg.method.kind).adapters else DTYPE_BYTES[cfg.model.dtype])
-    return own + p["optimizer"]
+def checkpoint_bytes(cfg: Config, trainable: float) -> float:
+    """One checkpoint: the trained weights (adapters in fp32, or the model's dtype), their optimizer state and,
+    under DeepSpeed, its fp32 master copy of them. The one rule for `ftl estimate` and the disk check."""
+    adapters = method_traits(cfg.method.kind).adapters
+    weight = 4 if adapters else DTYPE_BYTES[cfg.model.dtype]
+    name = cfg.distributed.strategy
+    master = 4 if name != "auto" and traits(name).fp32_master_copy else 0
+    return trainable * (weight + OPTIMIZER_BYTES[cfg.train.optimizer] + master)
+
+
+def final_model_bytes(cfg: Config, trainable: float, total: float) -> float:
+    """final/: the adapter a method added, or the whole model in its dtype."""
+    if method_traits(cfg.method.kind).adapters:
+        return trainable * 4
+    return total * DTYPE_BYTES[cfg.model.dtype]
 
 
 def device_capacity(gpu: str | None, gpu_mem: float | None, world: int) -> tuple[float, str]:
@@ -337,7 +347,8 @@ def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float 
         *[f"| {name} | {value / GIB:.2f} |" for name, value in parts.items()],
         f"| **peak** | **{total / GIB:.2f}** |",
         "",
-        f"checkpoint: {checkpoint_bytes(cfg, shape) / GIB:.2f} GiB each (× keep_last {cfg.checkpoint.keep_last} + 1)",
+        f"checkpoint: {checkpoint_bytes(cfg, p['trainable']) / GIB:.2f} GiB each "
+        f"(× keep_last {cfg.checkpoint.keep_last} + 1)",
     ]
     fits = total <= capacity
     if fits:

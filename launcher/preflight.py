@@ -18,26 +18,15 @@ from launcher.config import Config
 from launcher.config_checks import checkpoint_root
 from launcher.dist import DistEnv
 from launcher.errors import ConfigError
+from launcher.estimate import checkpoint_bytes, final_model_bytes
 from launcher.input_checks import check_inputs
 from launcher.metrics import log
 from launcher.model import build_meta_model, param_counts
 from launcher.prepare import check_output_dir
 from launcher.strategies.base import Strategy
-from launcher.strategies.traits import traits
 from launcher.world import free_port
 
 GiB = 2**30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
-def checkpoint_bytes(cfg: Config, trainable: int, total: int) -> tuple[int, int]:
-    """(one checkpoint, the final model) in bytes: trained weights + two Adam moments (fp32; DeepSpeed also
-    keeps an fp32 master copy); the final model is the whole model for full fine-tuning, else the adapter."""
-    full = cfg.method.kind == "full"
-    weight = DTYPE_BYTES[cfg.model.dtype] if full else 4
-    declared = traits(cfg.distributed.strategy)
-    master = 4 if declared and declared.fp32_master_copy else 0
-    return trainable * (weight + 8 + master), (total if full else trainable) * weight
 
 
 def _free(path: Path) -> tuple[int, int]:
@@ -50,7 +39,7 @@ def _free(path: Path) -> tuple[int, int]:
 
 def disk_problems(cfg: Config, trainable: int, total: int) -> list[str]:
     """Free space for keep_last + 1 checkpoints (the newest is written before the oldest goes) + final/."""
-    ckpt, final = checkpoint_bytes(cfg, trainable, total)
+    ckpt, final = checkpoint_bytes(cfg, trainable), final_model_bytes(cfg, trainable, total)
     need_ckpt = (
         ckpt * (cfg.checkpoint.keep_last + 1) if (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes) else 0
     )
@@ -132,7 +121,7 @@ def run_check(cfg: Config, nproc: int) -> int:
             problems += err.problems
     print("config and data: " + ("problems below" if problems else "ok"))
     trainable, total = model_size(cfg)
-    ckpt, final = checkpoint_bytes(cfg, trainable, total)
+    ckpt, final = checkpoint_bytes(cfg, trainable), final_model_bytes(cfg, trainable, total)
     sizes = f"checkpoint ~{ckpt / 2**20:.1f} MiB, final ~{final / 2**20:.1f} MiB"
     print(f"model: {total:,} parameters, {trainable:,} trained; {sizes}")
     for name, found in (
