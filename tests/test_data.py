@@ -220,7 +220,7 @@ def test_global_batch_is_the_same_for_any_world_size_and_accumulation() -> None:
         for s in (two, four):
             got = [i for r in range(s.world_size) for mb in s.micro_batches(step, r) for i in mb.tolist()]
             assert sorted(got) == expected
-    assert ref.epoch_of(6) == 1 and set(ref.global_ids(0)) != set(ref.global_ids(6))
+    assert ref.steps_per_epoch == 6 and set(ref.global_ids(0)) != set(ref.global_ids(6))  # step 6: a new epoch
 
 
 def test_classification_rows(models: dict, toy_data: dict) -> None:

@@ -36,9 +36,6 @@ class GlobalBatchSampler:
     def steps_per_epoch(self) -> int:
         return self.num_samples // self.global_batch
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def global_ids(self, step: int) -> np.ndarray:
         """Sample ids of global batch `step` (0-based), in a fixed order."""
         epoch, k = divmod(step, self.steps_per_epoch)

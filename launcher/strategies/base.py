@@ -12,7 +12,6 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -173,9 +172,6 @@ class Strategy(ABC):
 
     def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
         return iter(trainable_parameters(self.unwrapped))
-
-    def describe(self) -> dict[str, Any]:
-        return {"strategy": self.name}
 
 
 def quantized_linears(model: nn.Module) -> int:

@@ -244,7 +244,7 @@ class DeepSpeedStrategy(Strategy):
             return
         numel = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in self.unwrapped.parameters()]
         total, trainable = sum(n for n, _ in numel), sum(n for n, t in numel if t)
-        report = {**self.describe(), "total_params": total, "trainable_params": trainable, "ranks": ranks}
+        report = {**self._describe(), "total_params": total, "trainable_params": trainable, "ranks": ranks}
         report["linear4bit"] = quantized_linears(self.unwrapped)
         out = Path(self.cfg.output_dir)
         if out.is_dir():
@@ -252,7 +252,7 @@ class DeepSpeedStrategy(Strategy):
         held = " ".join(f"rank{i}: held={r['params']:,} optim={r['optimizer_state']:,}" for i, r in enumerate(ranks))
         log(f"deepspeed: zero_stage={self.stage} offload={self.offload} total={total:,} trainable={trainable:,} {held}")
 
-    def describe(self) -> dict[str, Any]:
+    def _describe(self) -> dict[str, Any]:
         return {"strategy": self.name, "zero_stage": self.stage, "offload": self.offload}
 
     def save_checkpoint(self, directory: Path) -> None:
