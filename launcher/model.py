@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
 from typing import Any
 
 import torch
@@ -16,6 +18,12 @@ from launcher.methods import freeze
 from launcher.params import param_numel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# Library messages about paths ftl does not take, printed to every user of every method: bitsandbytes (which
+# peft imports whether or not QLoRA runs) tries to fetch an optional CPU kernel from the hub at import and warns
+# when it cannot (its own fallback is used); peft still asks transformers' deprecated `is_gradient_checkpointing`.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
 
 
 def load_tokenizer(cfg: Config) -> Any:

@@ -275,3 +275,17 @@ def test_training_runs_under_tcmalloc_unless_opted_out(tmp_path: Path, models: d
     assert res.returncode == 0 and "host_allocator=glibc malloc" in res.stderr, res.stderr[-3000:]
     res = ftl("train", str(path), "output_dir=" + str(tmp_path / "ranks"), "--nproc", "2")  # each rank too
     assert res.returncode == 0 and "host_allocator=tcmalloc" in res.stderr, res.stderr[-3000:]
+
+
+def test_a_lora_run_prints_no_library_noise(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """A plain LoRA run in fp32 prints ftl's lines and progress, not warnings from libraries about paths it does
+    not take (bitsandbytes' hub kernel, DeepSpeed's accelerator, deprecations peft triggers)."""
+    cfg = base_config(tmp_path, models["llama"], toy_data["chat"], method={"kind": "lora"}, data={"format": "chat"})
+    res = ftl("train", str(write_config(tmp_path / "cfg.yaml", cfg)))
+    assert res.returncode == 0, res.stderr[-4000:]
+    noise = [
+        line
+        for line in (res.stdout + res.stderr).splitlines()
+        if any(word in line for word in ("Warning", "WARNING", "Failed", "warnings.warn"))
+    ]
+    assert not noise, noise
