@@ -44,6 +44,9 @@ class MetricsWriter:
         self.bar = None
         self.wandb_run = None
         keep_rows_up_to(self.path, state.step)
+        if state.step:  # a resumed run: the restart is an event of the run's history (loss.png marks it)
+            with self.path.open("a") as f:
+                f.write(json.dumps({"step": state.step, "event": "resumed"}) + "\n")
         if sys.stderr.isatty():
             from tqdm import tqdm
 
@@ -153,7 +156,7 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
 
 
 def plot_losses(metrics_path: Path, png: Path) -> None:
-    """Training (and eval) loss against step."""
+    """Training (and eval) loss against step; a dashed line where the run resumed from a checkpoint."""
     rows = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
@@ -169,6 +172,9 @@ def plot_losses(metrics_path: Path, png: Path) -> None:
         ax.plot(*zip(*train), label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss")
+    resumed = sorted({r["step"] for r in rows if r.get("event") == "resumed"})
+    for i, step in enumerate(resumed):
+        ax.axvline(step, color="grey", linestyle="--", alpha=0.7, label="resumed from a checkpoint" if i == 0 else None)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

