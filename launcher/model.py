@@ -19,11 +19,18 @@ from launcher.params import param_numel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Library messages about paths ftl does not take, printed to every user of every method: bitsandbytes (which
-# peft imports whether or not QLoRA runs) tries to fetch an optional CPU kernel from the hub at import and warns
-# when it cannot (its own fallback is used); peft still asks transformers' deprecated `is_gradient_checkpointing`.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+def quiet_library_noise() -> None:
+    """Silence library messages about paths ftl does not take, which every user of every method would see:
+    bitsandbytes (imported by peft whether or not QLoRA runs) tries to fetch an optional CPU kernel through
+    `kernels` at import and warns when it cannot, offline or not (its own fallback is used); peft still asks
+    transformers' deprecated `is_gradient_checkpointing`."""
+    for name in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+
+
+quiet_library_noise()
 
 
 def load_tokenizer(cfg: Config) -> Any:

@@ -26,12 +26,15 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo_model import ensure_model
 from demo_task import exact_match, exact_match_rate, make_splits, write_jsonl
+
+from launcher.model import quiet_library_noise
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "demo.yaml"
@@ -270,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; exit 0 only when held-out exact match went up."""
     args = parse_args(argv)
     warnings.filterwarnings("ignore", category=DeprecationWarning)  # torch.jit notices from library imports
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)  # peft
+    quiet_library_noise()  # the same library notices ftl silences (the demo loads peft to score)
+    if not torch.cuda.is_available():  # DeepSpeed (imported by transformers) would warn it found no GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     from transformers.utils import logging as hf_logging

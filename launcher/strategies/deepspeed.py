@@ -88,6 +88,8 @@ class DeepSpeedStrategy(Strategy):
 
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
+        if env.device.type == "cpu":  # tell DeepSpeed, before it is imported, instead of letting it warn
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         check_deepspeed_config(cfg, env.world_size)  # cheap; before any model loads
         self.stage, self.offload = stage_and_offload(cfg)
         self.engine: Any = None
