@@ -173,6 +173,7 @@ class CheckpointManager:
         return {
             **state.state_dict(),
             "world_size": self.env.world_size,
+            "dp_size": self.env.dp_size,
             "strategy": self.strategy_name,
             "ftl_version": __version__,
             "config_hash": config_hash(self.cfg),
@@ -247,8 +248,9 @@ class CheckpointManager:
             for k in meaningful_changes(old, new)
         ]
         t_old, t_new = old["train"], self.cfg.train
-        old_batch = t_old["micro_batch_size"] * t_old["grad_accum"] * saved["world_size"]
-        new_batch = t_new.micro_batch_size * t_new.grad_accum * self.env.world_size
+        old_dp = saved.get("dp_size", saved["world_size"])  # checkpoints before parallel dimensions: dp = world
+        old_batch = t_old["micro_batch_size"] * t_old["grad_accum"] * old_dp
+        new_batch = t_new.micro_batch_size * t_new.grad_accum * self.env.dp_size
         if old_batch != new_batch:
             problems.append(
                 f"train.micro_batch_size × train.grad_accum × world size: global batch {new_batch} "

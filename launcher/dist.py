@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from launcher.parallel import ParallelDims
 from launcher.world import cpu_threads_per_rank, env_world, slurm_rendezvous
 
 
@@ -23,12 +24,29 @@ def backend_for(device: torch.device) -> str:
 
 @dataclass(frozen=True)
 class DistEnv:
-    """Who this process is among the ranks of the run."""
+    """Who this process is among the ranks of the run, and how the ranks divide the work (`dims`)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    dims: ParallelDims | None = None  # None: every rank data parallel
+
+    def __post_init__(self) -> None:
+        dims = self.dims or ParallelDims.data_parallel(self.world_size)
+        if dims.world_size != self.world_size:
+            raise ValueError(f"parallel dimensions {dims} span {dims.world_size} ranks, not {self.world_size}")
+        object.__setattr__(self, "dims", dims)
+
+    @property
+    def dp_rank(self) -> int:
+        """This process's data-parallel rank: which share of each global batch it trains on."""
+        return self.dims.dp_rank(self.rank)
+
+    @property
+    def dp_size(self) -> int:
+        """How many data-parallel replicas share each global batch."""
+        return self.dims.dp
 
     @property
     def is_main(self) -> bool:

@@ -37,14 +37,14 @@ def evaluate(
     runs the same number of batches. With `lm_head`, the LM loss through that head (a classifier's reference)."""
     model = strategy.model
     model.eval()
-    mbs, world = cfg.train.micro_batch_size, env.world_size
+    mbs, world = cfg.train.micro_batch_size, env.dp_size  # each data-parallel replica its share
     n_chunks = math.ceil(len(samples) / (mbs * world))
     if cfg.train.eval_batches:
         n_chunks = min(n_chunks, cfg.train.eval_batches)
     loss_total = count = correct = 0.0
     per_task = TaskLosses.zeros(len(task_names)) if task_names and samples.tasks is not None else None
     for c in range(n_chunks):
-        start = c * mbs * world + env.rank * mbs
+        start = c * mbs * world + env.dp_rank * mbs
         ids = list(range(start, min(start + mbs, len(samples))))
         batch = collate(samples, ids or [0])
         with strategy.autocast():

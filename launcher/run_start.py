@@ -39,8 +39,8 @@ def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: Globa
             log("peak LR per group: " + " ".join(f"{k}={v:.3g}" for k, v in lrs.items()))
         log(
             f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
-            f"{env.world_size} ranks = {sampler.global_batch} samples; {sampler.steps_per_epoch} steps/epoch; "
-            f"{steps} steps"
+            f"{env.dp_size} data-parallel ranks = {sampler.global_batch} samples; "
+            f"{sampler.steps_per_epoch} steps/epoch; {steps} steps"
         )
         describe_tasks(cfg, sampler)
 

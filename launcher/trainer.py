@@ -99,7 +99,7 @@ def run_training(cfg: Config) -> int:
 
 def make_sampler(cfg: Config, env: DistEnv, data: DataSplits) -> GlobalBatchSampler:
     t, tasks = cfg.train, cfg.data.tasks()
-    shape = (len(data.train), t.micro_batch_size, t.grad_accum, env.world_size, t.seed)
+    shape = (len(data.train), t.micro_batch_size, t.grad_accum, env.dp_size, t.seed)  # samples per dp replica
     if tasks is None:
         sampler = GlobalBatchSampler(*shape)
     else:
@@ -129,7 +129,7 @@ def optimizer_step(
     t0 = time.perf_counter()
     period = unfreeze_period(cfg.train, sampler.steps_per_epoch)
     set_lr(strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, steps), state.step, period)
-    micro_ids = sampler.micro_batches(state.step, env.rank)
+    micro_ids = sampler.micro_batches(state.step, env.dp_rank)
     micro = [collate(data.train, ids) for ids in micro_ids]
     real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
     skip = cfg.train.nonfinite == "skip"

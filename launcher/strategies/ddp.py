@@ -27,8 +27,9 @@ class DDPStrategy(Strategy):
         return self.model.module
 
     def backward(self, loss: torch.Tensor) -> None:
-        # The loop divides by the GLOBAL label count, so gradients must be summed over ranks; DDP averages.
-        super().backward(loss * self.env.world_size)
+        # The loop divides by the GLOBAL label count, so gradients must be summed over the data-parallel
+        # replicas; DDP averages over them.
+        super().backward(loss * self.env.dp_size)
 
     def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last_micro_step else self.model.no_sync()

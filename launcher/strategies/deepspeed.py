@@ -157,8 +157,9 @@ class DeepSpeedStrategy(Strategy):
 
     def backward(self, loss: torch.Tensor) -> None:
         """engine.backward without its ÷accumulation-steps, × ranks against its gradient averaging; then
-        engine.step() for every micro-batch but the last (DeepSpeed counts micro-steps there, no update)."""
-        self.engine.backward(loss * self.env.world_size, scale_wrt_gas=False)
+        engine.step() for every micro-batch but the last (DeepSpeed counts micro-steps there, no update).
+        The factor is the data-parallel size: DeepSpeed averages gradients over the data-parallel replicas."""
+        self.engine.backward(loss * self.env.dp_size, scale_wrt_gas=False)
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
 

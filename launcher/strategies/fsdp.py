@@ -137,7 +137,7 @@ class FSDPStrategy(Strategy):
             else MixedPrecisionPolicy()
         )
         return {
-            "mesh": init_device_mesh(self.env.device.type, (dist.get_world_size(),)),
+            "mesh": init_device_mesh(self.env.device.type, self.env.dims.shape, mesh_dim_names=self.env.dims.names),
             "reshard_after_forward": d.fsdp_reshard_after_forward,
             "mp_policy": mp,
             "offload_policy": CPUOffloadPolicy() if self._offload else OffloadPolicy(),
