@@ -118,10 +118,6 @@ class Strategy(ABC):
         )
         return params, state
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter gathered in full on rank 0 (empty on other ranks), for export."""
-        return {k: v.detach().cpu() for k, v in self.unwrapped.state_dict().items()} if self.env.is_main else {}
-
     def save_pretrained(self, directory: Path) -> None:
         """Write the final model (PEFT: the adapter only) as a Hugging Face directory, from rank 0."""
         if self.env.is_main:

@@ -195,10 +195,6 @@ class DeepSpeedStrategy(Strategy):
         )
         return params, state
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter (and persistent buffer) in full on rank 0, empty elsewhere; every rank must call it."""
-        return self._gathered(trainable_only=False)
-
     def save_pretrained(self, directory: Path) -> None:
         """Rank 0 writes a Hugging Face directory (PEFT: the adapter only); every rank must call it."""
         state = self._gathered(trainable_only=self.adapters)

@@ -257,14 +257,6 @@ class FSDPStrategy(Strategy):
         if self.scaler and (directory / SCALER_FILE).is_file():
             self.scaler.load_state_dict(json.loads((directory / SCALER_FILE).read_text()))
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Every parameter gathered to rank 0 on CPU (QLoRA: the adapter only); empty on other ranks."""
-        options = StateDictOptions(
-            full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.cfg.method.kind == "qlora"
-        )
-        state = get_model_state_dict(self.model, options=options)
-        return state if self.env.is_main else {}
-
     def save_pretrained(self, directory: Path) -> None:
         """Gather on rank 0 and write a Hugging Face directory there (PEFT: only the adapter)."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self._adapters)

@@ -5,8 +5,9 @@
 For each method.kind (one process start serves several: imports dominate on small CPUs):
 save: train steps 1-4, writing a DCP checkpoint to WORKDIR/KIND/ckpt after step 2.
 load: load WORKDIR/KIND/ckpt, then train steps 3-4.
-Rank 0 writes the losses of the steps it ran (WORKDIR/KIND/{phase}.json) and the gathered final weights
-(WORKDIR/KIND/{phase}.pt), so the test can compare a resumed run with an uninterrupted one.
+Rank 0 writes the losses of the steps it ran (WORKDIR/KIND/{phase}.json) and the final model as `final/` would
+hold it (WORKDIR/KIND/{phase}-final, through save_pretrained), so the test can compare a resumed run with an
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -14,8 +15,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-
-import torch
 
 from launcher.checkpoint import TrainState
 from launcher.config_loading import load_config
@@ -50,11 +49,9 @@ def run_phase(config: str, phase: str, work: Path, overrides: list[str]) -> None
         losses.append(row["loss"])
         if phase == "save" and state.step == SAVE_AT:
             strategy.save_checkpoint(work / "ckpt")
-    weights = strategy.full_state_dict()
+    strategy.save_pretrained(work / f"{phase}-final")  # what the run's final/ would hold (every rank calls it)
     if env.is_main:
-        work.mkdir(parents=True, exist_ok=True)
         (work / f"{phase}.json").write_text(json.dumps(losses))
-        torch.save(weights, work / f"{phase}.pt")
 
 
 if __name__ == "__main__":
