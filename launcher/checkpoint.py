@@ -32,7 +32,7 @@ from launcher.dist import DistEnv, barrier
 from launcher.errors import ConfigError
 from launcher.metrics import log
 from launcher.prepare import flatten, meaningful_changes
-from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, side_work
+from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, untouched_global_streams
 from launcher.run_dir import MARKER, STEP_DIR, complete_checkpoints, latest_checkpoint
 from launcher.strategies.base import Strategy
 from launcher.strategies.traits import traits
@@ -121,7 +121,7 @@ class CheckpointManager:
         minutes = self.cfg.checkpoint.every_minutes
         return bool(minutes) and time.monotonic() - self.last_save_time >= minutes * 60
 
-    @side_work  # the streams saved here are those the next step draws from, whatever the writers do
+    @untouched_global_streams()  # the streams saved here are those the next step draws from, whatever the writers do
     def save(self, strategy: Strategy, state: TrainState) -> Path:
         """Write a complete checkpoint for `state.step` (all ranks call this)."""
         t0 = time.perf_counter()

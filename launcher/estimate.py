@@ -240,8 +240,8 @@ def checkpoint_bytes(cfg: Config, trainable: float) -> float:
     under DeepSpeed, its fp32 master copy of them. The one rule for `ftl estimate` and the disk check."""
     adapters = method_traits(cfg.method.kind).adapters
     weight = 4 if adapters else DTYPE_BYTES[cfg.model.dtype]
-    name = cfg.distributed.strategy
-    master = 4 if name != "auto" and traits(name).fp32_master_copy else 0
+    declared = traits(cfg.distributed.strategy)  # None for `auto`, which never resolves to DeepSpeed
+    master = 4 if declared and declared.fp32_master_copy else 0
     return trainable * (weight + OPTIMIZER_BYTES[cfg.train.optimizer] + master)
 
 

@@ -14,7 +14,7 @@ from launcher.dist import DistEnv, all_reduce_sum
 from launcher.loss import TaskLosses, loss_sum
 from launcher.metrics import MetricsWriter, log
 from launcher.reference_head import PretrainedLMHead, load_reference_head
-from launcher.rng import side_work
+from launcher.rng import untouched_global_streams
 from launcher.strategies.base import Strategy
 
 
@@ -37,14 +37,14 @@ def evaluate(
     runs the same number of batches. With `lm_head`, the LM loss through that head (a classifier's reference)."""
     model = strategy.model
     model.eval()
-    mbs, world = cfg.train.micro_batch_size, env.dp_size  # each data-parallel replica its share
-    n_chunks = math.ceil(len(samples) / (mbs * world))
+    mbs, dp = cfg.train.micro_batch_size, env.dp_size  # each data-parallel replica its share
+    n_chunks = math.ceil(len(samples) / (mbs * dp))
     if cfg.train.eval_batches:
         n_chunks = min(n_chunks, cfg.train.eval_batches)
     loss_total = count = correct = 0.0
     per_task = TaskLosses.zeros(len(task_names)) if task_names and samples.tasks is not None else None
     for c in range(n_chunks):
-        start = c * mbs * world + env.dp_rank * mbs
+        start = c * mbs * dp + env.dp_rank * mbs
         ids = list(range(start, min(start + mbs, len(samples))))
         batch = collate(samples, ids or [0])
         with strategy.autocast():
@@ -85,7 +85,7 @@ class Evaluator:
         wanted = self.data.eval is not None or self.data.reference is not None
         return wanted and ((every and step % every == 0) or step == steps)
 
-    @side_work  # evaluation between steps: the next step draws what it would have drawn without it
+    @untouched_global_streams()  # evaluation between steps: the next step draws what it would have drawn without it
     def metrics(self, task: bool = True) -> dict[str, float]:
         """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
         s, d, cfg, env, collate = self.strategy, self.data, self.cfg, self.env, self.collate

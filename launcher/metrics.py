@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from launcher.config import Config
-from launcher.rng import side_work
+from launcher.rng import untouched_global_streams
 
 EXIT_RECORD = "last_exit.json"  # rank 0's record of how the run ended, in OUTPUT_DIR
 
@@ -58,7 +58,7 @@ class MetricsWriter:
     def wandb_id(self) -> str | None:
         return self.wandb_run.id if self.wandb_run is not None else None
 
-    @side_work  # W&B (retry jitter) must not move the training's random streams
+    @untouched_global_streams()  # W&B (retry jitter) must not move the training's random streams
     def write(self, row: dict[str, Any]) -> None:
         """Append one row (training step or eval) and show it."""
         if self.mfu is not None and "tokens_per_s" in row:

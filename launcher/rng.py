@@ -16,17 +16,14 @@ validate` and the other light commands log through modules that use this one, an
 
 from __future__ import annotations
 
-import functools
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _torch() -> ModuleType | None:
@@ -70,20 +67,10 @@ def set_global_streams(state: dict[str, Any]) -> None:
 
 @contextmanager
 def untouched_global_streams() -> Iterator[None]:
-    """Run side work (measurement, evaluation, checkpointing, logging) without moving the global streams."""
+    """Run side work (measurement, evaluation, checkpointing, logging) without moving the global streams; as a
+    decorator, `@untouched_global_streams()` (contextlib's context managers decorate too)."""
     saved = global_streams_state()
     try:
         yield
     finally:
         set_global_streams(saved)
-
-
-def side_work(fn: F) -> F:
-    """Decorator: `fn` runs inside `untouched_global_streams`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        with untouched_global_streams():
-            return fn(*args, **kwargs)
-
-    return wrapper  # type: ignore[return-value]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, side_work
+from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, untouched_global_streams
 
 
 def _draw() -> tuple[float, float, torch.Tensor]:
@@ -21,7 +21,7 @@ def test_side_work_puts_every_stream_back() -> None:
     seed_global_streams(11)
     expected = _draw()
 
-    @side_work
+    @untouched_global_streams()
     def noisy(fail: bool) -> None:
         _draw()
         if fail:
