@@ -1,4 +1,4 @@
-"""Evaluation: the eval split's loss (per task too), the reference split's loss and the forgetting report."""
+"""Evaluation: the eval split's metrics (per task too), the reference split's loss and the forgetting report."""
 
 from __future__ import annotations
 
@@ -8,95 +8,86 @@ from typing import Any
 import torch
 
 from launcher.checkpoint import TrainState
-from launcher.config import Config
-from launcher.data import Collator, DataSplits, Samples, label_token_count
-from launcher.dist import DistEnv, all_reduce_sum
-from launcher.loss import TaskLosses, loss_sum
+from launcher.data import Samples, label_token_count
+from launcher.dist import all_reduce_sum
+from launcher.loss import TaskLosses
 from launcher.metrics import MetricsWriter, log
-from launcher.reference_head import PretrainedLMHead, load_reference_head
+from launcher.objectives import Batch
+from launcher.reference_head import PretrainedLMHead
 from launcher.rng import untouched_global_streams
-from launcher.strategies.base import Strategy
+from launcher.run_context import RunContext
 
 
-def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+def to_device(batch: Batch, device: torch.device) -> Batch:
     """The batch's tensors on `device`."""
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def evaluate(
-    strategy: Strategy,
-    samples: Samples,
-    cfg: Config,
-    env: DistEnv,
-    collate: Collator,
-    task_names: list[str] | None = None,
-    lm_head: PretrainedLMHead | None = None,
+    run: RunContext, samples: Samples, task_names: list[str] | None = None, lm_head: PretrainedLMHead | None = None
 ) -> dict[str, float]:
-    """Mean eval loss (and accuracy for classification; each task's loss for a multi-task split); every rank
-    runs the same number of batches. With `lm_head`, the LM loss through that head (a classifier's reference)."""
-    model = strategy.model
+    """What the objective reports over `samples` (with `task_names`, each task's loss of a multi-task split);
+    every rank runs the same number of batches. With `lm_head`, the LM loss through that head (a classifier's
+    reference split)."""
+    model, env, objective = run.model, run.env, run.objective
     model.eval()
-    mbs, dp = cfg.train.micro_batch_size, env.dp_size  # each data-parallel replica its share
+    mbs, dp = run.cfg.train.micro_batch_size, env.dp_size  # each data-parallel replica its share
     n_chunks = math.ceil(len(samples) / (mbs * dp))
-    if cfg.train.eval_batches:
-        n_chunks = min(n_chunks, cfg.train.eval_batches)
-    loss_total = count = correct = 0.0
+    if run.cfg.train.eval_batches:
+        n_chunks = min(n_chunks, run.cfg.train.eval_batches)
     per_task = TaskLosses.zeros(len(task_names)) if task_names and samples.tasks is not None else None
+    counts = objective.counts if lm_head is None else ()
+    totals = [0.0] * (2 + len(counts))  # loss, units, the objective's counts
     for c in range(n_chunks):
         start = c * mbs * dp + env.dp_rank * mbs
         ids = list(range(start, min(start + mbs, len(samples))))
-        batch = collate(samples, ids or [0])
-        with strategy.autocast():
+        batch = run.collate(samples, ids or [0])  # a rank without rows left still joins the collectives
+        with run.strategy.autocast():
             if lm_head is not None:
                 batch = lm_head.prepare(batch)
-                loss, right = lm_head.loss_sum(model, to_device(batch, env.device)), 0
+                loss, found = lm_head.loss_sum(model, to_device(batch, env.device)), {}
+                units = label_token_count(batch)
             else:
-                loss, right = loss_sum(model, to_device(batch, env.device), per_task if ids else None)
+                result = objective.loss_sum(model, to_device(batch, env.device), per_task if ids else None)
+                loss, found, units = result.loss, result.counts, objective.loss_units(batch)
         if ids:
-            loss_total += float(loss)
-            count += label_token_count(batch)
-            correct += right
+            totals = [a + b for a, b in zip(totals, [float(loss), units, *(found[k] for k in counts)], strict=True)]
     model.train()
-    per_task_sums = per_task.flat() if per_task is not None else []
-    loss_total, count, correct, *sums = all_reduce_sum([loss_total, count, correct, *per_task_sums], env)
-    out = {"eval_loss": loss_total / max(count, 1)}
-    if samples.class_labels is not None:
-        out["eval_accuracy"] = correct / max(count, 1)
-    means = zip(task_names or [], TaskLosses.means(sums))
+    loss_total, units, *rest = all_reduce_sum([*totals, *(per_task.flat() if per_task else [])], env)
+    found = dict(zip(counts, rest[: len(counts)], strict=True))
+    out = objective.report(loss_total, units, found) if lm_head is None else {"eval_loss": loss_total / max(units, 1)}
+    means = zip(task_names or [], TaskLosses.means(rest[len(counts) :]))
     out.update({f"eval_loss/{n}": v for n, v in means if v is not None})
     return out
 
 
 class Evaluator:
-    """The eval split's metrics and the reference split's loss for one run. A classifier's reference loss is
-    taken through its checkpoint's pre-trained LM head (launcher/reference_head.py)."""
+    """The eval split's metrics and the reference split's loss for one run. What scores the reference split is
+    the objective's choice (a classifier: its checkpoint's pre-trained LM head, launcher/reference_head.py)."""
 
-    def __init__(
-        self, strategy: Strategy, data: DataSplits, cfg: Config, env: DistEnv, collate: Collator, tokenizer: Any
-    ):
-        self.strategy, self.data, self.cfg, self.env, self.collate = strategy, data, cfg, env, collate
-        classifier = cfg.model.task == "sequence_classification"
-        self.lm_head = load_reference_head(cfg, tokenizer, env.device) if classifier and data.reference else None
+    def __init__(self, run: RunContext, tokenizer: Any):
+        self.run = run
+        self.lm_head = run.objective.reference_head(tokenizer, run.env.device) if run.data.reference else None
 
-    def due(self, step: int, steps: int) -> bool:
+    def due(self, step: int) -> bool:
         """Whether this step evaluates (train.eval_every, and the last step)."""
-        every = self.cfg.train.eval_every
-        wanted = self.data.eval is not None or self.data.reference is not None
-        return wanted and ((every and step % every == 0) or step == steps)
+        every, data = self.run.cfg.train.eval_every, self.run.data
+        wanted = data.eval is not None or data.reference is not None
+        return wanted and ((every and step % every == 0) or step == self.run.steps)
 
     @untouched_global_streams()  # evaluation between steps: the next step draws what it would have drawn without it
     def metrics(self, task: bool = True) -> dict[str, float]:
         """The eval split's metrics (when `task`) and the reference split's loss, as one metrics row."""
-        s, d, cfg, env, collate = self.strategy, self.data, self.cfg, self.env, self.collate
-        out = evaluate(s, d.eval, cfg, env, collate, d.task_names) if task and d.eval is not None else {}
-        if d.reference is not None:
-            out["reference_loss"] = evaluate(s, d.reference, cfg, env, collate, lm_head=self.lm_head)["eval_loss"]
+        data = self.run.data
+        out = evaluate(self.run, data.eval, data.task_names) if task and data.eval is not None else {}
+        if data.reference is not None:
+            out["reference_loss"] = evaluate(self.run, data.reference, lm_head=self.lm_head)["eval_loss"]
         return out
 
     def measure_reference_start(self, state: TrainState, writer: MetricsWriter | None) -> None:
         """data.reference: its loss on the untouched model (a fresh run's step 0), forgetting's baseline."""
-        if self.data.reference is None or state.step != 0:
+        if self.run.data.reference is None or state.step != 0:
             return
         state.reference_start = self.metrics(task=False)["reference_loss"]
         if writer:

@@ -61,35 +61,26 @@ class TaskLosses:
         return [s / n if n else None for s, n in zip(reduced[:half], reduced[half:], strict=True)]
 
 
-def loss_sum(
+def causal_lm_loss_sum(
     model: nn.Module, batch: dict[str, torch.Tensor], task_losses: TaskLosses | None = None
-) -> tuple[torch.Tensor, int]:
-    """Summed loss over the batch's label tokens (or rows), and correct predictions for classification.
-    With `task_losses` and a multi-task batch (`task_ids`), each task's share of the sum is added to it."""
+) -> torch.Tensor:
+    """Summed next-token loss over the batch's label tokens. With `task_losses` and a multi-task batch
+    (`task_ids`), each task's share of the sum is added to it."""
     inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
     tasks = batch.get("task_ids") if task_losses is not None else None
-    if "labels" not in batch:
-        logits = model(**inputs).logits.float()
-        labels = batch["class_labels"]
-        correct = int((logits.argmax(-1) == labels).sum())
-        if tasks is None:
-            return F.cross_entropy(logits, labels, reduction="sum"), correct
-        losses = F.cross_entropy(logits, labels, reduction="none")
-        task_losses.add(losses, tasks[:, 0])  # a row's first token carries its task
-        return losses.sum(), correct
     with labels_for_head(batch["labels"], None if tasks is None else (tasks, task_losses)):
         out = model(**inputs).logits
     if out.ndim == 0:  # the output layer computed the label-only loss
-        return out, 0
+        return out
     logits = out.float()
     labels = aligned_labels(batch["labels"], logits.size(1))[:, 1:].reshape(-1)
     shifted = logits[:, :-1].reshape(-1, logits.size(-1))
     if tasks is None:
-        return F.cross_entropy(shifted, labels, ignore_index=IGNORE, reduction="sum"), 0
+        return F.cross_entropy(shifted, labels, ignore_index=IGNORE, reduction="sum")
     losses = F.cross_entropy(shifted, labels, ignore_index=IGNORE, reduction="none")
     owners = aligned_labels(tasks, logits.size(1), fill=-1)[:, 1:].reshape(-1)
     task_losses.add(losses, torch.where(labels != IGNORE, owners, -1))
-    return losses.sum(), 0
+    return losses.sum()
 
 
 def install_label_only_head(model: nn.Module) -> bool:

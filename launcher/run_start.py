@@ -7,9 +7,8 @@ from typing import Any
 
 import torch
 
-from launcher.attention import NAME as SEGMENT_ATTENTION
 from launcher.config import Config
-from launcher.data import Collator, DataSplits, GlobalBatchSampler
+from launcher.data import Collator, GlobalBatchSampler
 from launcher.dist import DistEnv, all_reduce_sum
 from launcher.estimate import resolve_checkpointing
 from launcher.launch.allocator import active_allocator
@@ -18,10 +17,13 @@ from launcher.metrics import log
 from launcher.mfu import MfuMeter
 from launcher.model import param_counts
 from launcher.optim import depth_label, group_lrs
+from launcher.run_context import RunContext
 from launcher.strategies.base import Strategy
 
 
-def describe_start(strategy: Strategy, cfg: Config, env: DistEnv, sampler: GlobalBatchSampler, steps: int) -> None:
+def describe_start(run: RunContext) -> None:
+    """The start-up lines: strategy, world, precision and method; parameters; LR groups; the global batch."""
+    strategy, cfg, env, sampler, steps = run.strategy, run.cfg, run.env, run.sampler, run.steps
     trainable, total = param_counts(strategy.unwrapped)
     if env.is_main:
         log(
@@ -83,19 +85,18 @@ def decide_checkpointing(cfg: Config, env: DistEnv) -> Config:
     return cfg
 
 
-def make_collator(cfg: Config, strategy: Strategy, tokenizer: Any) -> Collator:
-    """Padding-free concatenation needs the model's width for its cost model; off when it is not known."""
-    on = cfg.data.padding_free and method_traits(cfg.method.kind).concatenates and cfg.model.task == "causal_lm"
-    config = strategy.unwrapped.config
-    width = getattr(config, "hidden_size", 0) if on else 0
-    segmented = getattr(config, "_attn_implementation", None) == SEGMENT_ATTENTION
-    return Collator(tokenizer.pad_token_id, int(width or 0), segmented)
+def make_collator(run: RunContext, tokenizer: Any) -> Collator:
+    """The objective's collator; rows may be joined (padding-free) when data.padding_free asks and the method
+    keeps a joined row's masks intact."""
+    cfg = run.cfg
+    may_concatenate = cfg.data.padding_free and method_traits(cfg.method.kind).concatenates
+    return run.objective.collator(tokenizer, run.strategy.unwrapped.config, may_concatenate)
 
 
-def start_mfu(strategy: Strategy, data: DataSplits, env: DistEnv) -> MfuMeter:
+def start_mfu(run: RunContext) -> MfuMeter:
     """The meter for the `mfu` column (rank 0; the CPU peak is measured once per machine, then cached)."""
-    train = data.train
-    return MfuMeter(strategy.unwrapped, train.mean_length, train.label_fraction, env.device, env.world_size)
+    train, env = run.data.train, run.env
+    return MfuMeter(run.strategy.unwrapped, train.mean_length, train.label_fraction, env.device, env.world_size)
 
 
 def recomputes(model: torch.nn.Module) -> bool:

@@ -8,26 +8,28 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from launcher.checkpoint import CheckpointManager, CheckpointWriteError, TrainState, disk_full
 from launcher.config import Config
 from launcher.config_checks import strategy_problems
-from launcher.data import Collator, DataSplits, GlobalBatchSampler, MixtureSampler, label_token_count
+from launcher.data import DataSplits, GlobalBatchSampler, MixtureSampler
 from launcher.dist import DistEnv, all_reduce_sum, barrier, init_distributed, shutdown
 from launcher.errors import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED, ConfigError
 from launcher.evaluation import Evaluator, report_forgetting, to_device
 from launcher.l2sp import L2SP
-from launcher.loss import TaskLosses, loss_sum
+from launcher.loss import TaskLosses
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
 from launcher.model import load_tokenizer
+from launcher.objectives import Batch, objective_for
 from launcher.optim import group_lrs, lr_factor, optimizer_factory, set_lr, unfreeze_period
 from launcher.preflight import check_room
 from launcher.prepare import prepare_data, prepare_output_dir
+from launcher.run_context import RunContext
 from launcher.run_start import (
     decide_checkpointing,
     describe_sharding,
@@ -47,35 +49,36 @@ def total_steps(cfg: Config, sampler: GlobalBatchSampler) -> int:
     return max(1, math.ceil(cfg.train.epochs * sampler.steps_per_epoch))
 
 
-def train_step(
-    strategy: Strategy,
-    micro: list[dict[str, torch.Tensor]],
-    env: DistEnv,
-    max_grad_norm: float | None,
-    local_tokens: int,
-    skip_nonfinite: bool = False,
-    num_tasks: int = 0,
-) -> tuple[float, float, int, list[float | None]]:
-    """One optimizer step over this rank's micro-batches. Loss is normalised by the GLOBAL label count,
-    so N ranks × micro-batches give exactly the gradient of one big batch.
-
-    Returns (global mean loss, grad norm, global non-padding tokens, each task's mean loss (multi-task))."""
-    local_count = sum(label_token_count(b) for b in micro)
-    (global_count,) = all_reduce_sum([local_count], env)
+def train_step(run: RunContext, micro: list[Batch], local_tokens: int) -> StepResult:
+    """One optimizer step over this rank's micro-batches. The summed loss is normalised by the objective's
+    GLOBAL unit count, so N ranks × micro-batches give exactly the gradient of one big batch."""
+    strategy, objective, env = run.strategy, run.objective, run.env
+    (global_units,) = all_reduce_sum([sum(objective.loss_units(b) for b in micro)], env)
+    names = run.data.task_names or []
+    per_task = TaskLosses.zeros(len(names)) if names else None
     total = 0.0
-    per_task = TaskLosses.zeros(num_tasks) if num_tasks else None
     for m, batch in enumerate(micro):
         with strategy.no_sync(m == len(micro) - 1), strategy.autocast():
-            loss, _ = loss_sum(strategy.model, to_device(batch, env.device), per_task)
-            loss = loss / max(global_count, 1)
+            loss = objective.loss_sum(strategy.model, to_device(batch, env.device), per_task).loss
+            loss = loss / max(global_units, 1)
         strategy.backward(loss)
         total += float(loss.detach())
     loss_global, tokens, *sums = all_reduce_sum([total, local_tokens, *(per_task.flat() if per_task else [])], env)
-    task_means = TaskLosses.means(sums)
-    if skip_nonfinite and not math.isfinite(loss_global):
+    task_losses = dict(zip(names, TaskLosses.means(sums), strict=True))
+    if run.cfg.train.nonfinite == "skip" and not math.isfinite(loss_global):
         strategy.discard_step()
-        return loss_global, float("nan"), int(tokens), task_means
-    return loss_global, strategy.step(max_grad_norm), int(tokens), task_means
+        return StepResult(loss_global, float("nan"), int(tokens), task_losses)
+    return StepResult(loss_global, strategy.step(run.cfg.train.max_grad_norm), int(tokens), task_losses)
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step measured, the same on every rank."""
+
+    loss: float  # global mean loss
+    grad_norm: float  # before clipping; nan for a dropped step
+    tokens: int  # global non-padding tokens
+    task_losses: dict[str, float | None]  # multi-task: each task's mean loss (None: none of its labels)
 
 
 def run_training(cfg: Config) -> int:
@@ -115,53 +118,48 @@ def make_sampler(cfg: Config, env: DistEnv, data: DataSplits) -> GlobalBatchSamp
     return sampler
 
 
-def optimizer_step(
-    strategy: Strategy,
-    data: DataSplits,
-    sampler: GlobalBatchSampler,
-    state: TrainState,
-    cfg: Config,
-    env: DistEnv,
-    steps: int,
-    collate: Collator,
-) -> dict[str, float]:
+def optimizer_step(run: RunContext, state: TrainState) -> dict[str, float]:
     """Run optimizer step `state.step` on this rank's share of its global batch; advance the counters."""
     t0 = time.perf_counter()
+    cfg, sampler, train = run.cfg, run.sampler, run.data.train
     period = unfreeze_period(cfg.train, sampler.steps_per_epoch)
-    set_lr(strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, steps), state.step, period)
-    micro_ids = sampler.micro_batches(state.step, env.dp_rank)
-    micro = [collate(data.train, ids) for ids in micro_ids]
-    real = sum(len(data.train.input_ids[i]) for ids in micro_ids for i in ids)
-    skip = cfg.train.nonfinite == "skip"
-    names = data.task_names or []
-    loss, norm, tokens, task_means = train_step(strategy, micro, env, cfg.train.max_grad_norm, real, skip, len(names))
+    set_lr(run.strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, run.steps), state.step, period)
+    micro_ids = sampler.micro_batches(state.step, run.env.dp_rank)
+    micro = [run.collate(train, ids) for ids in micro_ids]
+    result = train_step(run, micro, sum(len(train.input_ids[i]) for ids in micro_ids for i in ids))
     state.step += 1
-    nonfinite = not math.isfinite(loss) or (cfg.train.precision != "fp16" and not math.isfinite(norm))
+    nonfinite = not math.isfinite(result.loss) or (
+        cfg.train.precision != "fp16" and not math.isfinite(result.grad_norm)
+    )
     state.skipped_steps += nonfinite
     state.skipped_in_a_row = state.skipped_in_a_row + 1 if nonfinite else 0
     state.samples += sampler.global_batch
-    state.tokens += tokens
-    dt = time.perf_counter() - t0
-    lrs = group_lrs(strategy.optimizer)
+    state.tokens += result.tokens
+    return metrics_row(run, state, result, time.perf_counter() - t0)
+
+
+def metrics_row(run: RunContext, state: TrainState, result: StepResult, seconds: float) -> dict[str, Any]:
+    """The metrics row of the step just taken."""
+    lrs = group_lrs(run.strategy.optimizer)
     row = {
         "step": state.step,
-        "loss": loss,
+        "loss": result.loss,
         "lr": max(lrs.values()),  # the top group's (layer_lr_decay scales the lower ones down)
-        "grad_norm": norm,
+        "grad_norm": result.grad_norm,
         "tokens": state.tokens,
-        "tokens_per_s": tokens / dt,
-        "step_time": dt,
+        "tokens_per_s": result.tokens / seconds,
+        "step_time": seconds,
         "samples": state.samples,
-        "epoch": state.samples / len(data.train),
-        "world_size": env.world_size,
+        "epoch": state.samples / len(run.data.train),
+        "world_size": run.env.world_size,
     }
-    row.update({f"loss/{n}": v for n, v in zip(names, task_means, strict=True) if v is not None})
+    row.update({f"loss/{n}": v for n, v in result.task_losses.items() if v is not None})
     if len(lrs) > 1:
         row["lr_groups"] = lrs
-    scale = strategy.loss_scale()
+    scale = run.strategy.loss_scale()
     if scale is not None:
         row["loss_scale"] = scale
-    if skip:
+    if run.cfg.train.nonfinite == "skip":
         row["skipped_steps"] = state.skipped_steps
     return row
 
@@ -170,16 +168,16 @@ class NonFiniteError(Exception):
     """Training produced a NaN/inf loss or gradient that train.nonfinite does not allow (exit 4)."""
 
 
-def check_finite(cfg: Config, state: TrainState, sampler: GlobalBatchSampler, ckpt: CheckpointManager) -> None:
+def check_finite(run: RunContext, state: TrainState, ckpt: CheckpointManager) -> None:
     """Raise NonFiniteError for a non-finite step under `abort`, or too many skipped in a row under `skip`.
     Every rank sees the same all-reduced loss and global norm, so all ranks raise together."""
     if not state.skipped_in_a_row:
         return
-    t = cfg.train
+    t = run.cfg.train
     if t.nonfinite == "skip" and state.skipped_in_a_row < t.max_skipped_steps:
         return
-    ids = sampler.global_ids(state.step - 1).tolist()
-    latest = ckpt.resume_path() if cfg.checkpoint.resume == "auto" else None
+    ids = run.sampler.global_ids(state.step - 1).tolist()
+    latest = ckpt.resume_path() if run.cfg.checkpoint.resume == "auto" else None
     first = state.step - state.skipped_in_a_row + 1
     what = (
         f"step {state.step} has a non-finite loss or gradient"
@@ -201,65 +199,75 @@ def make_l2sp(strategy: Strategy, weight: float) -> L2SP | None:
     return L2SP(strategy.optimizer, strategy.optimizer_tensors(), weight, strategy.optimizer_holds_shards())
 
 
-def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:
+def plan_run(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits) -> RunContext:
+    """The run's shape, decided before any model loads: checkpointing, strategy, objective, batches, length."""
     cfg = decide_checkpointing(cfg, env)
-    t = cfg.train
     strategy = make_strategy(cfg, env)
     problems = strategy_problems(cfg, strategy.name, env.device.type == "cuda")  # `auto` is resolved now
     if problems:
         raise ConfigError(problems)
     sampler = make_sampler(cfg, env, data)
-    steps = total_steps(cfg, sampler)
-    if finished_before(out_dir, steps, env):
+    return RunContext(cfg, env, out_dir, data, strategy, objective_for(cfg), sampler, total_steps(cfg, sampler))
+
+
+def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer: Any) -> int:
+    run = plan_run(cfg, env, out_dir, data)
+    cfg, strategy = run.cfg, run.strategy
+    if finished_before(out_dir, run.steps, env):
         return EXIT_OK
     model = strategy.build_model()
-    strategy.setup(model, optimizer_factory(t, model))
-    l2sp = make_l2sp(strategy, t.l2sp.weight)
+    strategy.setup(model, optimizer_factory(cfg.train, model))
+    l2sp = make_l2sp(strategy, cfg.train.l2sp.weight)
     ckpt = CheckpointManager(cfg, env, strategy.name)  # (the L2-SP anchor is taken before any checkpoint loads)
     resume_from = ckpt.resume_path()
     state = ckpt.load(strategy, resume_from) if resume_from else TrainState()
-    describe_start(strategy, cfg, env, sampler, steps)
+    describe_start(run)
     check_room(cfg, strategy, env)
-    writer = MetricsWriter(cfg, out_dir, steps, state, start_mfu(strategy, data, env)) if env.is_main else None
-    collate = make_collator(cfg, strategy, tokenizer)
+    writer = MetricsWriter(cfg, out_dir, run.steps, state, start_mfu(run)) if env.is_main else None
+    run.collate = make_collator(run, tokenizer)
     stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()
     first_step = state.step
     if stop.agreed()[0]:  # asked to stop while starting: the state is the checkpoint's, nothing new to save
-        return stopped_early(writer, stop, state, out_dir, env, saved=False)
-    evaluator = Evaluator(strategy, data, cfg, env, collate, tokenizer)
+        return stopped_early(run, writer, stop, state, saved=False)
+    evaluator = Evaluator(run, tokenizer)
     evaluator.measure_reference_start(state, writer)
-    ckpt.start_global_streams(resume_from, t.seed, state.step)  # last: nothing above moves what step 1 draws
-    while state.step < steps:
-        row = optimizer_step(strategy, data, sampler, state, cfg, env, steps, collate)
+    ckpt.start_global_streams(resume_from, cfg.train.seed, state.step)  # last: nothing above moves step 1's draws
+    while state.step < run.steps:
+        row = optimizer_step(run, state)
         if l2sp is not None:
             row["l2sp_penalty"] = l2sp.penalty(env)
-        check_finite(cfg, state, sampler, ckpt)
+        check_finite(run, state, ckpt)
         if row["step"] == first_step + 1:
             describe_sharding(strategy, env)
-        if writer and (state.step % cfg.logging.every_steps == 0 or state.step == steps):
+        if writer and (state.step % cfg.logging.every_steps == 0 or state.step == run.steps):
             if cfg.logging.sample_ids:
-                row["sample_ids"] = sampler.global_ids(state.step - 1).tolist()
+                row["sample_ids"] = run.sampler.global_ids(state.step - 1).tolist()
             writer.write(row)
-        if evaluator.due(state.step, steps):
+        if evaluator.due(state.step):
             metrics = evaluator.metrics()
             if writer:
                 writer.write({"step": state.step, **metrics})
-                report_forgetting(state, metrics, steps)
+                report_forgetting(state, metrics, run.steps)
         stopping, save_by_time = stop.agreed(ckpt.due_by_time())
-        stopping = stopping and state.step < steps
-        if stopping or ((save_by_time or ckpt.due_by_steps(state.step)) and state.step < steps):
+        stopping = stopping and state.step < run.steps
+        if stopping or ((save_by_time or ckpt.due_by_steps(state.step)) and state.step < run.steps):
             state.wandb_id = writer.wandb_id if writer else None
             ckpt.save(strategy, state)
         if stopping:
-            return stopped_early(writer, stop, state, out_dir, env)
-    final = save_final(strategy, tokenizer, out_dir, env)
-    report_peak_memory(env)
+            return stopped_early(run, writer, stop, state)
+    return finish(run, writer, state, tokenizer)
+
+
+def finish(run: RunContext, writer: MetricsWriter | None, state: TrainState, tokenizer: Any) -> int:
+    """All steps trained: write final/, record the exit, and let no rank leave before rank 0 has."""
+    final = save_final(run, tokenizer)
+    report_peak_memory(run.env)
     if writer:
         writer.close()
-        record_exit(out_dir, EXIT_OK, state.step, None)
+        record_exit(run.out_dir, EXIT_OK, state.step, None)
         log(f"done: {state.step} steps; artifacts in {final}")
-    barrier(env)  # no rank exits before rank 0 has recorded how the run ended
+    barrier(run.env)  # no rank exits before rank 0 has recorded how the run ended
     return EXIT_OK
 
 
@@ -279,27 +287,26 @@ def finished_before(out_dir: Path, steps: int, env: DistEnv) -> bool:
 
 
 def stopped_early(
-    writer: MetricsWriter | None, stop: StopRequest, state: TrainState, out_dir: Path, env: DistEnv, saved: bool = True
+    run: RunContext, writer: MetricsWriter | None, stop: StopRequest, state: TrainState, saved: bool = True
 ) -> int:
     """After the stop checkpoint is saved (or nothing was trained yet): consume the STOP file, record, exit 3."""
     if writer:
         writer.close()
         stop.consume_stop_file()
-        record_exit(out_dir, EXIT_STOPPED, state.step, stop.reason)
+        record_exit(run.out_dir, EXIT_STOPPED, state.step, stop.reason)
         what = "checkpoint saved" if saved else "before training on: nothing new to save"
         log(f"stopped early at step {state.step} ({stop.reason}); {what}; exit code {EXIT_STOPPED}")
-    barrier(env)  # no rank exits before rank 0 has recorded the stop
+    barrier(run.env)  # no rank exits before rank 0 has recorded the stop
     return EXIT_STOPPED
 
 
-def save_final(strategy: Strategy, tokenizer, out_dir: Path, env: DistEnv) -> Path:
+def save_final(run: RunContext, tokenizer: Any) -> Path:
     """Write OUTPUT_DIR/final atomically: a temp sibling renamed into place once complete."""
-    import shutil
-
+    out_dir, env = run.out_dir, run.env
     final = out_dir / "final"
     tmp = out_dir / ".final.tmp"
     try:
-        strategy.save_pretrained(tmp)
+        run.strategy.save_pretrained(tmp)
         if env.is_main:
             tokenizer.save_pretrained(tmp)
     except Exception as err:

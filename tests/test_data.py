@@ -17,7 +17,7 @@ from launcher.data.batches import concat_is_cheaper
 from launcher.data.formats import IGNORE
 from launcher.data.tokenized import pack, tokenize_rows
 from launcher.errors import ConfigError
-from launcher.loss import loss_sum
+from launcher.loss import causal_lm_loss_sum
 
 
 def _cfg(tmp_path: Path, model: Path, data: Path, **data_section) -> Config:
@@ -100,8 +100,8 @@ def test_packing_gives_the_same_per_token_loss(models: dict, arch: str, attentio
     packed = pack(samples, max_len=64, seed=0)
     assert len(packed) < len(samples)  # really packed several samples per row
     with torch.no_grad():
-        plain_loss, _ = loss_sum(model, collate(samples, range(len(samples)), tok.pad_token_id))
-        packed_loss, _ = loss_sum(model, collate(packed, range(len(packed)), tok.pad_token_id))
+        plain_loss = causal_lm_loss_sum(model, collate(samples, range(len(samples)), tok.pad_token_id))
+        packed_loss = causal_lm_loss_sum(model, collate(packed, range(len(packed)), tok.pad_token_id))
     assert samples.num_label_tokens == packed.num_label_tokens
     assert torch.allclose(plain_loss, packed_loss, rtol=1e-5), (plain_loss, packed_loss)
 
@@ -115,8 +115,8 @@ def test_packing_without_the_block_mask_would_leak(models: dict) -> None:
     batch = collate(packed, range(len(packed)), tok.pad_token_id)
     leaky = dict(batch, attention_mask=(batch["position_ids"] >= 0).long())
     with torch.no_grad():
-        sealed, _ = loss_sum(model, batch)
-        leaked, _ = loss_sum(model, leaky)
+        sealed = causal_lm_loss_sum(model, batch)
+        leaked = causal_lm_loss_sum(model, leaky)
     assert not torch.allclose(sealed, leaked, rtol=1e-5)
 
 
@@ -139,7 +139,7 @@ def test_padding_free_batch_has_the_padded_loss_and_gradients(models: dict, arch
     results = []
     for batch in (padded, flat):
         model.zero_grad()
-        loss, _ = loss_sum(model, batch)
+        loss = causal_lm_loss_sum(model, batch)
         loss.backward()
         results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
     (loss_p, grads_p), (loss_f, grads_f) = results
@@ -166,8 +166,8 @@ def test_padding_free_collation_keeps_packed_rows_sample_by_sample(models: dict,
     real = batch["input_ids"] != tok.pad_token_id
     assert int((batch["position_ids"][real] == 0).sum()) == len(samples)  # one restart per sample
     with torch.no_grad():
-        plain, _ = loss_sum(model, collate(samples, range(len(samples)), tok.pad_token_id))
-        got, _ = loss_sum(model, batch)
+        plain = causal_lm_loss_sum(model, collate(samples, range(len(samples)), tok.pad_token_id))
+        got = causal_lm_loss_sum(model, batch)
     assert torch.allclose(plain, got, rtol=1e-5), (plain, got)
 
 

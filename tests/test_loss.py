@@ -16,7 +16,7 @@ from launcher import loss_models
 from launcher.data import collate
 from launcher.data.formats import IGNORE
 from launcher.data.tokenized import pack, tokenize_rows
-from launcher.loss import loss_sum
+from launcher.loss import causal_lm_loss_sum
 
 
 def _batch(model_dir: Path, packed: bool = False) -> dict[str, torch.Tensor]:
@@ -71,7 +71,7 @@ def test_label_only_loss_equals_full_logits_loss(
     head = switched.get_output_embeddings()
     head.register_forward_hook(lambda mod, args, out: shapes.append(tuple(out.shape)))
     want, want_grads = _loss_and_grads(plain, _full_logits_loss, batch)
-    got, got_grads = _loss_and_grads(switched, lambda m, b: loss_sum(m, b)[0], batch)
+    got, got_grads = _loss_and_grads(switched, causal_lm_loss_sum, batch)
     assert shapes == [()]  # the output layer returned the loss: no (batch, length, vocab) logits were made
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     assert set(got_grads) == set(want_grads) and got_grads
@@ -92,6 +92,6 @@ def test_a_batch_without_labels_gives_zero_and_still_backpropagates(models: dict
     _, switched = _pair(models["llama"], lora=False)
     batch = _batch(models["llama"])
     batch["labels"][:] = IGNORE
-    value, _ = loss_sum(switched, batch)
+    value = causal_lm_loss_sum(switched, batch)
     value.backward()
     assert float(value.detach()) == 0.0

@@ -12,7 +12,7 @@ from helpers import base_config, ftl, read_metrics, reverse_rows, write_config, 
 
 from launcher.data import Collator, MixtureSampler, collate
 from launcher.data.tokenized import merged, pack, subset, tokenize_rows
-from launcher.loss import TaskLosses, loss_sum
+from launcher.loss import TaskLosses, causal_lm_loss_sum
 
 
 def test_the_mix_matches_the_weights_and_each_task_is_drawn_without_replacement() -> None:
@@ -66,11 +66,11 @@ def test_each_tasks_logged_loss_is_that_tasks_loss_alone(models: dict, head: str
     assert ("position_ids" in batch) == padding_free  # the concatenated path really ran
     sink = TaskLosses.zeros(2)
     with torch.no_grad():
-        total, _ = loss_sum(model, batch, sink)
+        total = causal_lm_loss_sum(model, batch, sink)
         for t in range(2):
             alone = [i for i in ids if samples.tasks[i] == t]
             part = collate(subset(samples, alone), range(len(alone)), tok.pad_token_id)
-            expected, _ = loss_sum(model, part)
+            expected = causal_lm_loss_sum(model, part)
             count = int((part["labels"][:, 1:] != -100).sum())
             torch.testing.assert_close(sink.sums[t], expected.double(), rtol=1e-5, atol=1e-5)
             assert int(sink.counts[t]) == count

@@ -28,7 +28,7 @@ from resume_utils import (
 from safetensors.torch import load_file
 
 STEPS = 8
-EXIT_STOPPED = 3  # the documented code (README 'Exit codes'), not the package's constant
+EXIT_STOPPED = 3  # the documented code (docs/resuming.md "Exit codes"), not the package's constant
 
 
 def _config(tmp_path: Path, models: dict, toy_data: dict, kind: str, **extra: dict) -> Path:

@@ -14,7 +14,7 @@ from launcher.config_loading import load_config
 from launcher.data import collate
 from launcher.data.tokenized import tokenize_rows
 from launcher.launch.allocator import find_tcmalloc
-from launcher.loss import loss_sum
+from launcher.loss import causal_lm_loss_sum
 
 
 def _train(tmp_path: Path, cfg: dict, *overrides: str, nproc: int = 0) -> Path:
@@ -32,7 +32,7 @@ def _eval_loss_of(model: torch.nn.Module, tok_dir: Path, eval_file: Path) -> flo
     total = 0.0
     with torch.no_grad():
         for i in range(0, len(s), 4):
-            total += float(loss_sum(model.eval(), collate(s, range(i, min(i + 4, len(s))), tok.pad_token_id))[0])
+            total += float(causal_lm_loss_sum(model.eval(), collate(s, range(i, min(i + 4, len(s))), tok.pad_token_id)))
     return total / s.num_label_tokens
 
 

@@ -208,7 +208,7 @@ def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_da
 
     from launcher.data import collate
     from launcher.data.tokenized import tokenize_rows
-    from launcher.loss import loss_sum
+    from launcher.loss import causal_lm_loss_sum
 
     cfg = base_config(
         tmp_path,
@@ -228,7 +228,7 @@ def test_reference_loss_measures_forgetting(tmp_path: Path, models: dict, toy_da
     model = AutoModelForCausalLM.from_pretrained(models["llama"]).eval()
     with torch.no_grad():
         total = sum(
-            float(loss_sum(model, collate(samples, range(i, min(i + 4, len(samples))), 0))[0])
+            float(causal_lm_loss_sum(model, collate(samples, range(i, min(i + 4, len(samples))), 0)))
             for i in range(0, len(samples), 4)
         )
     assert refs[0][1] == pytest.approx(total / samples.num_label_tokens, rel=1e-5)  # the untouched model's loss

@@ -32,7 +32,13 @@ from launcher.methods import method_traits, save_trained_model, trainable_parame
 from launcher.metrics import log
 from launcher.model import DTYPES, build_model
 from launcher.optim import zero_inactive_gradients_in_backward
-from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
+from launcher.strategies.base import (
+    OptimizerFactory,
+    Strategy,
+    param_group_tensors,
+    precision_autocast,
+    quantized_linears,
+)
 from launcher.strategies.ds_config import build_ds_config, check_deepspeed_config, stage_and_offload
 from launcher.world import free_port
 
@@ -143,13 +149,21 @@ class DeepSpeedStrategy(Strategy):
         """ZeRO-3 hands its torch optimizer each flat fp32 partition only while stepping it: ask the wrapper."""
         flats = getattr(self._zero, "fp32_partitioned_groups_flat", None)
         if flats is None:
-            return super().optimizer_tensors()
+            return param_group_tensors(self.optimizer)
         groups = self.optimizer.param_groups
         return [(groups[self._zero.sub_group_to_group_id[i]], t) for i, t in enumerate(flats)]
 
     @property
     def unwrapped(self) -> nn.Module:
         return self.engine.module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """torch.autocast for bf16/fp16 around the engine's forward, as for the other strategies."""
+        return precision_autocast(self.cfg, self.env.device)
+
+    def discard_step(self) -> None:
+        """Zero the gradients (DeepSpeed drops overflowing fp16 steps itself; train.nonfinite=skip is refused)."""
+        self.optimizer.zero_grad(set_to_none=True)
 
     def no_sync(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         """DeepSpeed decides reductions from its own micro-step counter (see `backward`)."""

@@ -40,7 +40,8 @@ from launcher.errors import ConfigError
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, build_meta_model, build_model
-from launcher.strategies.base import OptimizerFactory, Strategy, quantized_linears
+from launcher.strategies.base import OptimizerFactory, quantized_linears
+from launcher.strategies.torch_steps import TorchStepsStrategy
 
 MP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SHARDING_FILE = "sharding.json"
@@ -96,7 +97,7 @@ def clip_by_global_norm(params: list[nn.Parameter], max_norm: float | None, comm
     return norm
 
 
-class FSDPStrategy(Strategy):
+class FSDPStrategy(TorchStepsStrategy):
     """FSDP2 per transformer block + root; mixed precision by policy (no autocast), optional CPU offload."""
 
     name = "fsdp"

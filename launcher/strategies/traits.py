@@ -44,7 +44,7 @@ _TORCH = StrategyTraits(
     fp16_needs_cuda=False,
     skips_steps=True,
     fp32_master_copy=False,
-    weights_reader="launcher.strategies.base",
+    weights_reader="launcher.strategies.unsharded",
 )
 TRAITS = {
     "single": _TORCH,

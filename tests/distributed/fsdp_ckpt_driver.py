@@ -12,6 +12,7 @@ uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -23,8 +24,7 @@ from launcher.model import load_tokenizer
 from launcher.optim import optimizer_factory
 from launcher.prepare import prepare_data
 from launcher.run_start import make_collator
-from launcher.strategies import make_strategy
-from launcher.trainer import make_sampler, optimizer_step
+from launcher.trainer import optimizer_step, plan_run
 
 STEPS, SAVE_AT = 4, 2
 
@@ -35,17 +35,18 @@ def run_phase(config: str, phase: str, work: Path, overrides: list[str]) -> None
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
     env = init_distributed(cfg.distributed.timeout_minutes)
-    strategy = make_strategy(cfg, env)
+    run = dataclasses.replace(plan_run(cfg, env, Path(cfg.output_dir), data), steps=STEPS)
+    strategy = run.strategy
     model = strategy.build_model()
     strategy.setup(model, optimizer_factory(cfg.train, model))
-    sampler = make_sampler(cfg, env, data)
+    run.collate = make_collator(run, tokenizer)
     state = TrainState()
     if phase == "load":
         strategy.load_checkpoint(work / "ckpt")
         state.step = SAVE_AT
     losses = []
     while state.step < STEPS:
-        row = optimizer_step(strategy, data, sampler, state, cfg, env, STEPS, make_collator(cfg, strategy, tokenizer))
+        row = optimizer_step(run, state)
         losses.append(row["loss"])
         if phase == "save" and state.step == SAVE_AT:
             strategy.save_checkpoint(work / "ckpt")

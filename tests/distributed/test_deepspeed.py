@@ -344,20 +344,19 @@ def test_checkpoints_resume_on_the_same_and_a_smaller_world(runs: dict[str, Path
 
 
 # ----------------------------------------------------------------------------------------- the driver
-def _steps(
-    strategy: Any, data: Any, sampler: Any, cfg: Any, env: Any, collate: Any, start: int, stop: int
-) -> list[float]:
+def _steps(run: Any, start: int, stop: int) -> list[float]:
     """Losses of optimizer steps start+1..stop (of a 4-step schedule)."""
     from launcher.checkpoint import TrainState
     from launcher.trainer import optimizer_step
 
     state = TrainState(step=start)
-    return [optimizer_step(strategy, data, sampler, state, cfg, env, 4, collate)["loss"] for _ in range(start, stop)]
+    return [optimizer_step(run, state)["loss"] for _ in range(start, stop)]
 
 
 def _checkpoint_job(phase: str, config: str) -> None:
     """save: steps 1-2, save, steps 3-4 (after), load, steps 3-4 again (reloaded).
     resume: load the matching 2-rank run's checkpoint, steps 3-4 (resumed). Rank 0 writes OUTPUT_DIR/ckpt.json."""
+    import dataclasses
     import functools
 
     from launcher.config_loading import load_config
@@ -366,19 +365,19 @@ def _checkpoint_job(phase: str, config: str) -> None:
     from launcher.optim import optimizer_factory
     from launcher.prepare import prepare_data
     from launcher.run_start import make_collator
-    from launcher.strategies import make_strategy
-    from launcher.trainer import make_sampler
+    from launcher.trainer import plan_run
 
     cfg = load_config(config)
     tokenizer = load_tokenizer(cfg)
     data = prepare_data(cfg, tokenizer)
     env = init_distributed(cfg.distributed.timeout_minutes)
-    strategy = make_strategy(cfg, env)
+    context = dataclasses.replace(plan_run(cfg, env, Path(cfg.output_dir), data), steps=4)
+    strategy = context.strategy
     model = strategy.build_model()
     strategy.setup(model, optimizer_factory(cfg.train, model))
     strategy.model.train()
-    collate = make_collator(cfg, strategy, tokenizer)
-    steps = functools.partial(_steps, strategy, data, make_sampler(cfg, env, data), cfg, env, collate)
+    context.collate = make_collator(context, tokenizer)
+    steps = functools.partial(_steps, context)
     run = Path(cfg.output_dir)
     out: dict[str, list[float]] = {}
     if phase == "save":

@@ -79,7 +79,7 @@ def _eval_loss(model: torch.nn.Module, tok_dir: Path, eval_file: Path) -> float:
 
     from launcher.data import collate
     from launcher.data.tokenized import tokenize_rows
-    from launcher.loss import loss_sum
+    from launcher.loss import causal_lm_loss_sum
 
     tok = AutoTokenizer.from_pretrained(tok_dir)
     rows = [json.loads(x) for x in eval_file.read_text().splitlines()]
@@ -88,7 +88,7 @@ def _eval_loss(model: torch.nn.Module, tok_dir: Path, eval_file: Path) -> float:
     with torch.no_grad():
         for i in range(0, len(samples), 4):
             batch = collate(samples, range(i, min(i + 4, len(samples))), tok.pad_token_id)
-            total += float(loss_sum(model.eval(), batch)[0])
+            total += float(causal_lm_loss_sum(model.eval(), batch))
     return total / samples.num_label_tokens
 
 

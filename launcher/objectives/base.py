@@ -1,0 +1,62 @@
+"""What a training objective is: the one place that knows what a batch's loss means.
+
+The loop and evaluation ask the run's objective for everything that depends on the kind of training: how a
+micro-batch is collated, how many units its summed loss is normalised by (label tokens, rows, pairs), the
+summed loss itself with any counts worth reporting, and what evaluation reports from those sums. Causal-LM
+SFT and sequence classification are the first two; a preference objective is one more module beside them.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from launcher.config import Config
+from launcher.data import Collator
+from launcher.loss import TaskLosses
+from launcher.reference_head import PretrainedLMHead
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class LossSum:
+    """A micro-batch's loss summed over its units (with its graph), and counts summed alongside it."""
+
+    loss: torch.Tensor
+    counts: dict[str, float] = field(default_factory=dict)
+
+
+class Objective(ABC):
+    """Collation, normalisation, loss and evaluation report of one kind of training."""
+
+    name: str = "base"
+    counts: tuple[str, ...] = ()  # the names of LossSum.counts, all-reduced with the loss in evaluation
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @abstractmethod
+    def collator(self, tokenizer: Any, model_config: Any, may_concatenate: bool) -> Collator:
+        """How sample ids become a batch; `may_concatenate`: the method and data.padding_free allow joining
+        a micro-batch's rows into one."""
+
+    @abstractmethod
+    def loss_units(self, batch: Batch) -> int:
+        """What the batch's summed loss is normalised by (taken before the forward: the loop all-reduces it)."""
+
+    @abstractmethod
+    def loss_sum(self, model: nn.Module, batch: Batch, per_task: TaskLosses | None = None) -> LossSum:
+        """The summed loss of `batch` (on the model's device); each task's share added to `per_task`."""
+
+    def report(self, loss_total: float, units: float, counts: dict[str, float]) -> dict[str, float]:
+        """The evaluation row from all-reduced sums."""
+        return {"eval_loss": loss_total / max(units, 1)}
+
+    def reference_head(self, tokenizer: Any, device: torch.device) -> PretrainedLMHead | None:
+        """What scores data.reference when the trained model itself cannot (None: the model scores it)."""
+        return None
