@@ -12,6 +12,7 @@ from pydantic import ValidationError
 
 from launcher.config import Config, QLoraSettings
 from launcher.methods import method_traits
+from launcher.objectives.traits import format_problem, objective_traits
 from launcher.strategies.traits import traits
 
 
@@ -26,14 +27,10 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
         p.append("train.max_steps / train.epochs: set at least one (both are unset)")
     if not math.log2(cfg.train.fp16_initial_scale).is_integer():
         p.append(f"train.fp16_initial_scale: {cfg.train.fp16_initial_scale:g} is not a power of two")
-    if cfg.data.packing and cfg.data.format == "classification":
-        p.append("data.packing: cannot pack with data.format=classification (one label per row)")
-    is_cls_task = cfg.model.task == "sequence_classification"
-    if is_cls_task != (cfg.data.format == "classification"):
-        p.append(
-            f"data.format: '{cfg.data.format}' does not fit model.task='{cfg.model.task}' "
-            "(classification data goes with sequence_classification, and only with it)"
-        )
+    if cfg.data.packing and not objective_traits(cfg.model.task).packs:
+        p.append(f"data.packing: model.task={cfg.model.task} takes one label per row; its rows cannot be packed")
+    if cfg.data.tasks() is None:
+        p += [m for m in [format_problem(cfg.data.format, cfg.model.task, "data.format")] if m]
     if cfg.data.eval and cfg.data.eval_fraction > 0:
         p.append("data.eval_fraction: set either data.eval or data.eval_fraction, not both")
     import signal
@@ -136,14 +133,9 @@ def task_problems(cfg: Config) -> list[str]:
     if tasks is None:
         return []
     p: list[str] = []
-    classify = cfg.model.task == "sequence_classification"
     for i, t in enumerate(tasks):
-        if ((t.format or cfg.data.format) == "classification") != classify:
-            p.append(
-                f"data.train[{i}].format: '{t.format or cfg.data.format}' does not fit model.task='{cfg.model.task}' "
-                "(one run trains one head: classification tasks share the classification head, causal-LM tasks the "
-                "LM head; they cannot mix)"
-            )
+        problem = format_problem(t.format or cfg.data.format, cfg.model.task, f"data.train[{i}].format")
+        p += [problem] if problem else []
     names = cfg.data.task_names()
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

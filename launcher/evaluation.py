@@ -12,7 +12,7 @@ from launcher.data import Samples, label_token_count
 from launcher.dist import all_reduce_sum
 from launcher.loss import TaskLosses
 from launcher.metrics import MetricsWriter, log
-from launcher.objectives import Batch
+from launcher.objectives.base import Batch
 from launcher.reference_head import PretrainedLMHead
 from launcher.rng import untouched_global_streams
 from launcher.run_context import RunContext

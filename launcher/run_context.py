@@ -14,7 +14,7 @@ from torch import nn
 from launcher.config import Config
 from launcher.data import Collator, DataSplits, GlobalBatchSampler
 from launcher.dist import DistEnv
-from launcher.objectives import Objective
+from launcher.objectives.base import Objective
 from launcher.strategies.base import Strategy
 
 

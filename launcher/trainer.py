@@ -25,7 +25,8 @@ from launcher.l2sp import L2SP
 from launcher.loss import TaskLosses
 from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
 from launcher.model import load_tokenizer
-from launcher.objectives import Batch, objective_for
+from launcher.objectives import objective_for
+from launcher.objectives.base import Batch
 from launcher.optim import group_lrs, lr_factor, optimizer_factory, set_lr, unfreeze_period
 from launcher.preflight import check_room
 from launcher.prepare import prepare_data, prepare_output_dir

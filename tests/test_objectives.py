@@ -90,3 +90,15 @@ def test_classification_loss_is_the_heads_cross_entropy_summed_over_rows(tmp_pat
         hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels)
     assert float(got.loss) == pytest.approx(float(hf.loss) * 3, rel=1e-6)
     assert got.counts["correct"] == float((hf.logits.argmax(-1) == labels).sum())
+
+
+def test_every_task_has_one_objective_and_one_declaration() -> None:
+    """model.task's values, the torch-free declarations and the implementations name the same objectives."""
+    from typing import get_args
+
+    from launcher.config import ModelConfig
+    from launcher.objectives import IMPLEMENTATIONS
+    from launcher.objectives.traits import TRAITS
+
+    tasks = set(get_args(ModelConfig.model_fields["task"].annotation))
+    assert tasks == set(TRAITS) == set(IMPLEMENTATIONS)

@@ -1,17 +1,25 @@
-"""Training objectives behind one interface (base.py). `objective_for` is the only place that picks one."""
+"""Training objectives behind one interface (base.py). `objective_for` is the only place that picks one.
+
+This package's __init__ and traits.py import nothing heavy, so `ftl validate` can ask what an objective reads.
+"""
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING
+
 from launcher.config import Config
-from launcher.objectives.base import Batch, LossSum, Objective
-from launcher.objectives.causal_lm import CausalLM
-from launcher.objectives.classification import SequenceClassification
 
-OBJECTIVES: dict[str, type[Objective]] = {o.name: o for o in (CausalLM, SequenceClassification)}
+if TYPE_CHECKING:
+    from launcher.objectives.base import Objective
 
-__all__ = ["Batch", "LossSum", "Objective", "objective_for"]
+IMPLEMENTATIONS = {
+    "causal_lm": "launcher.objectives.causal_lm:CausalLM",
+    "sequence_classification": "launcher.objectives.classification:SequenceClassification",
+}
 
 
 def objective_for(cfg: Config) -> Objective:
     """The objective of this run, by what the model is trained to do (model.task)."""
-    return OBJECTIVES[cfg.model.task](cfg)
+    module, name = IMPLEMENTATIONS[cfg.model.task].split(":")
+    return getattr(importlib.import_module(module), name)(cfg)

@@ -18,6 +18,7 @@ from torch import nn
 from launcher.config import Config
 from launcher.data import Collator
 from launcher.loss import TaskLosses
+from launcher.objectives.traits import ObjectiveTraits, objective_traits
 from launcher.reference_head import PretrainedLMHead
 
 Batch = dict[str, torch.Tensor]
@@ -39,6 +40,11 @@ class Objective(ABC):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+
+    @property
+    def traits(self) -> ObjectiveTraits:
+        """What this objective declares without torch (formats it reads, packing)."""
+        return objective_traits(self.name)
 
     @abstractmethod
     def collator(self, tokenizer: Any, model_config: Any, may_concatenate: bool) -> Collator:
