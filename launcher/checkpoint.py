@@ -27,13 +27,22 @@ import torch
 
 from launcher import __version__
 from launcher.config import Config
-from launcher.config_checks import checkpoint_root
+from launcher.config_checks import run_dir_of
 from launcher.dist import DistEnv, barrier
 from launcher.errors import ConfigError
 from launcher.metrics import log
 from launcher.prepare import flatten, meaningful_changes
 from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, untouched_global_streams
-from launcher.run_dir import MARKER, STEP_DIR, complete_checkpoints, latest_checkpoint
+from launcher.run_dir import (
+    CHECKPOINT_MODEL_DIR,
+    MARKER,
+    STEP_DIR,
+    TRAIN_STATE_FILE,
+    checkpoint_step,
+    is_complete,
+    read_train_state,
+    step_dir_name,
+)
 from launcher.strategies.base import Strategy
 from launcher.strategies.traits import traits
 
@@ -109,7 +118,8 @@ class CheckpointManager:
         self.cfg = cfg
         self.env = env
         self.strategy_name = strategy_name
-        self.root = checkpoint_root(cfg)
+        self.run = run_dir_of(cfg)
+        self.root = self.run.checkpoint_root
         self.last_save_time = time.monotonic()
 
     def due_by_steps(self, step: int) -> bool:
@@ -125,17 +135,17 @@ class CheckpointManager:
     def save(self, strategy: Strategy, state: TrainState) -> Path:
         """Write a complete checkpoint for `state.step` (all ranks call this)."""
         t0 = time.perf_counter()
-        final = self.root / f"step-{state.step:08d}"
-        tmp = self.root / f".step-{state.step:08d}.tmp"
+        final = self.root / step_dir_name(state.step)
+        tmp = self.root / f".{step_dir_name(state.step)}.tmp"
         if self.env.is_main:
             self._remove_partial()
             tmp.mkdir(parents=True)
         barrier(self.env)
         try:
             torch.save(global_streams_state(), tmp / f"rng-rank{self.env.rank}.pt")
-            strategy.save_checkpoint(tmp / "model")
+            strategy.save_checkpoint(tmp / CHECKPOINT_MODEL_DIR)
             if self.env.is_main:
-                (tmp / "trainer_state.json").write_text(json.dumps(self._trainer_state(state), indent=1))
+                (tmp / TRAIN_STATE_FILE).write_text(json.dumps(self._trainer_state(state), indent=1))
         except Exception as err:
             raise self._write_failed(err, tmp, state.step) from err
         barrier(self.env)  # every rank has finished writing
@@ -161,7 +171,7 @@ class CheckpointManager:
         shutil.rmtree(tmp, ignore_errors=True)
         if not disk_full(err, self.root):
             return err
-        latest = latest_checkpoint(self.root)
+        latest = self.run.latest_checkpoint()
         free = shutil.disk_usage(self.root).free / 2**20
         return CheckpointWriteError(
             f"checkpoint step {step}: no space left on device under {self.root} ({free:.1f} MiB free). The "
@@ -186,16 +196,15 @@ class CheckpointManager:
         if not self.root.is_dir():
             return
         for p in self.root.iterdir():
-            if p.name.startswith(".step-") or (STEP_DIR.match(p.name) and not (p / MARKER).exists()):
+            if p.name.startswith(".step-") or (STEP_DIR.match(p.name) and not is_complete(p)):
                 shutil.rmtree(p, ignore_errors=True)
 
     def _prune(self) -> None:
         """Keep the newest keep_last complete checkpoints (+ every keep_every-th step)."""
         c = self.cfg.checkpoint
-        done = complete_checkpoints(self.root)
+        done = self.run.checkpoints()
         for p in done[: max(0, len(done) - c.keep_last)]:
-            step = int(STEP_DIR.match(p.name).group(1))
-            if c.keep_every and step % c.keep_every == 0:
+            if c.keep_every and checkpoint_step(p) % c.keep_every == 0:
                 continue
             # invalidate before deleting: a kill mid-rmtree must leave an ignored directory, never a
             # "complete" one without its weights
@@ -209,9 +218,9 @@ class CheckpointManager:
         if resume == "never":
             return None
         if resume == "auto":
-            return latest_checkpoint(self.root)
+            return self.run.latest_checkpoint()
         path = Path(resume)
-        if not (path / MARKER).is_file():
+        if not is_complete(path):
             raise ConfigError([f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)"])
         return path
 
@@ -219,9 +228,9 @@ class CheckpointManager:
         """Restore model, optimizer and counters from `path` (all ranks); the random streams are restored by
         `start_global_streams`, just before the first step."""
         t0 = time.perf_counter()
-        saved = json.loads((path / "trainer_state.json").read_text())
+        saved = read_train_state(path)
         self._check_compatible(saved)
-        strategy.load_checkpoint(path / "model")
+        strategy.load_checkpoint(path / CHECKPOINT_MODEL_DIR)
         log_fn = log if self.env.is_main else (lambda _msg: None)
         log_fn(
             f"resumed from {path} at step {saved['step']} (saved by {saved['world_size']} rank(s); "

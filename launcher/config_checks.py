@@ -13,6 +13,7 @@ from pydantic import ValidationError
 from launcher.config import Config, QLoraSettings
 from launcher.methods import method_traits
 from launcher.objectives.traits import format_problem, objective_traits
+from launcher.run_dir import RunDir
 from launcher.strategies.traits import traits
 
 
@@ -86,9 +87,9 @@ def strategy_problems(cfg: Config, strategy: str, cuda: bool) -> list[str]:
     return p
 
 
-def checkpoint_root(cfg: Config) -> Path:
-    """Where the run's checkpoints live: checkpoint.dir, else OUTPUT_DIR/checkpoints."""
-    return Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else Path(cfg.output_dir) / "checkpoints"
+def run_dir_of(cfg: Config) -> RunDir:
+    """The run's directory as `cfg` places it: OUTPUT_DIR, and checkpoint.dir when set."""
+    return RunDir.of(cfg.output_dir, cfg.checkpoint.dir)
 
 
 def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
@@ -96,7 +97,7 @@ def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
     resume, declared = cfg.checkpoint.resume, traits(strategy)
     if declared is None or not declared.unpickles or resume in ("auto", "never"):
         return None
-    root = checkpoint_root(cfg)
+    root = run_dir_of(cfg).checkpoint_root
     if Path(resume).resolve().is_relative_to(root.resolve()):
         return None
     return (

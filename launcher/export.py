@@ -6,7 +6,6 @@ against), in the QLoRA compute dtype, so the merged model reproduces the trained
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,13 +14,12 @@ import torch
 from torch import nn
 
 from launcher.config import Config
-from launcher.config_checks import checkpoint_root
 from launcher.config_loading import load_config
 from launcher.errors import ConfigError
 from launcher.methods import method_traits, save_trained_model, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, build_model, load_base_model, load_tokenizer
-from launcher.run_dir import MARKER
+from launcher.run_dir import CHECKPOINT_MODEL_DIR, CONFIG_FILE, MARKER, RunDir, is_complete, read_train_state
 from launcher.strategies.traits import traits
 
 
@@ -59,13 +57,13 @@ def merged_model(cfg: Config, adapter_dir: Path) -> nn.Module:
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
     """The trained tensors of a complete checkpoint of any strategy, consolidated on CPU."""
-    strategy = json.loads((ckpt / "trainer_state.json").read_text())["strategy"]
-    return traits(strategy).read_weights(ckpt / "model")
+    strategy = read_train_state(ckpt)["strategy"]
+    return traits(strategy).read_weights(ckpt / CHECKPOINT_MODEL_DIR)
 
 
 def checkpoint_to_hf(cfg: Config, ckpt: Path, out: Path) -> Path:
     """Rebuild the model, load a checkpoint's trained tensors into it, and save it like `final/`."""
-    if not (ckpt / MARKER).is_file():
+    if not is_complete(ckpt):
         raise ConfigError([f"--checkpoint: {ckpt} is not a complete checkpoint (no {MARKER} marker)"])
     weights = checkpoint_weights(ckpt)
     model = build_model(cfg, torch.device("cpu"))
@@ -83,16 +81,17 @@ def checkpoint_to_hf(cfg: Config, ckpt: Path, out: Path) -> Path:
 
 def export_run(run_dir: str, out: str, merge: bool = False, checkpoint: str | None = None) -> Path:
     """Write the run's final model (or a checkpoint, consolidated offline) to `out`."""
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise ConfigError([f"run_dir: {run} has no config.yaml (is it an ftl output_dir?)"])
-    cfg = load_config(run / "config.yaml")
+    saved = RunDir(Path(run_dir)).config_file
+    if not saved.is_file():
+        raise ConfigError([f"run_dir: {run_dir} has no {CONFIG_FILE} (is it an ftl output_dir?)"])
+    cfg = load_config(saved)
+    run = RunDir.of(run_dir, cfg.checkpoint.dir)  # the directory as given, wherever the run was started from
     if checkpoint:
-        ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else checkpoint_root(cfg) / checkpoint
+        ckpt = Path(checkpoint) if Path(checkpoint).is_dir() else run.checkpoint_root / checkpoint
         with tempfile.TemporaryDirectory() as tmp:
             source = checkpoint_to_hf(cfg, ckpt, Path(tmp) / "model")
             return _write_export(cfg, source, Path(out), merge)
-    return _write_export(cfg, run / "final", Path(out), merge)
+    return _write_export(cfg, run.final_dir, Path(out), merge)
 
 
 def _write_export(cfg: Config, src: Path, dest: Path, merge: bool) -> Path:

@@ -13,8 +13,7 @@ from typing import Any
 
 from launcher.config import Config
 from launcher.rng import untouched_global_streams
-
-EXIT_RECORD = "last_exit.json"  # rank 0's record of how the run ended, in OUTPUT_DIR
+from launcher.run_dir import EXIT_RECORD, METRICS_FILE, WANDB_ID_FILE, RunDir, read_rows
 
 
 def record_exit(out_dir: Path, code: int, step: int, reason: str | None) -> None:
@@ -37,7 +36,7 @@ class MetricsWriter:
     """Writes each logged step once to metrics.jsonl, the terminal and (optionally) W&B."""
 
     def __init__(self, cfg: Config, out_dir: Path, total_steps: int, state: Any, mfu: Any = None):
-        self.path = out_dir / "metrics.jsonl"
+        self.path = out_dir / METRICS_FILE
         self.mfu = mfu  # tokens/s -> model FLOPs utilisation (launcher/mfu.py)
         self.cfg = cfg
         self.total = total_steps
@@ -122,21 +121,21 @@ def keep_rows_up_to(path: Path, step: int) -> None:
             rows.append(line)
     if cut:
         log(f"{path}: dropped {cut} unreadable row(s) cut short by an earlier run")
-    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp = path.with_name(f".{METRICS_FILE}.tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, path)
 
 
 def start_wandb(cfg: Config, out_dir: Path, run_id: str | None) -> Any:
-    """Open the run's W&B run: the id comes from the checkpoint, else OUTPUT_DIR/wandb_id.txt, else is new,
-    and every restart calls init(id=..., resume="allow"), so crashes and requeues continue one W&B run."""
+    """Open the run's W&B run: the id comes from the checkpoint resumed, else from the run directory (its latest
+    checkpoint, else wandb_id.txt), else is new, and every restart calls init(id=..., resume="allow"), so
+    crashes and requeues continue one W&B run."""
     import wandb
 
     w = cfg.logging.wandb
-    id_file = out_dir / "wandb_id.txt"
     if run_id is None:
-        run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
-    id_file.write_text(run_id)
+        run_id = RunDir.of(out_dir, cfg.checkpoint.dir).wandb_id() or secrets.token_hex(4)
+    (out_dir / WANDB_ID_FILE).write_text(run_id)
     return wandb.init(
         project=w.project,
         entity=w.entity,
@@ -149,15 +148,9 @@ def start_wandb(cfg: Config, out_dir: Path, run_id: str | None) -> Any:
     )
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def plot_losses(metrics_path: Path, png: Path) -> None:
     """Training (and eval) loss against step; a dashed line where the run resumed from a checkpoint."""
-    rows = read_metrics(metrics_path)
+    rows = read_rows(metrics_path)
     train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
     if not train and not evals:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from launcher.config import Config
-from launcher.config_checks import checkpoint_root
+from launcher.config_checks import run_dir_of
 from launcher.dist import DistEnv
 from launcher.errors import ConfigError
 from launcher.estimate import checkpoint_bytes, final_model_bytes
@@ -43,7 +43,8 @@ def disk_problems(cfg: Config, trainable: int, total: int) -> list[str]:
     need_ckpt = (
         ckpt * (cfg.checkpoint.keep_last + 1) if (cfg.checkpoint.every_steps or cfg.checkpoint.every_minutes) else 0
     )
-    (free_c, dev_c), (free_o, dev_o) = _free(checkpoint_root(cfg)), _free(Path(cfg.output_dir))
+    run = run_dir_of(cfg)
+    (free_c, dev_c), (free_o, dev_o) = _free(run.checkpoint_root), _free(run.path)
     if dev_c == dev_o and need_ckpt + final > free_c:
         return [
             f"checkpoint.dir / output_dir: about {(need_ckpt + final) / GiB:.2f} GiB needed ({cfg.checkpoint.keep_last}"

@@ -12,14 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from launcher.config import Config
 from launcher.data.splits import DataSplits, read_splits, tokenize_tasks
 from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import Samples, token_cache_dir
 from launcher.errors import ConfigError
+from launcher.run_dir import CONFIG_FILE, RunDir
 from launcher.run_lock import lock_output_dir
 from launcher.world import env_world
 
@@ -63,9 +62,8 @@ def check_output_dir(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError([f"output_dir: {out} is a file, not a directory"])
-    saved = out / "config.yaml"
-    if saved.exists():
-        old = yaml.safe_load(saved.read_text()) or {}
+    old = RunDir(out).config()
+    if old is not None:
         changed = meaningful_changes(old, cfg.model_dump(mode="json"))
         if changed:
             raise ConfigError(
@@ -88,11 +86,10 @@ def prepare_output_dir(cfg: Config) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         lock_output_dir(out)
     check_output_dir(cfg)
-    saved = out / "config.yaml"
     if rank == 0:
-        tmp = out / ".config.yaml.tmp"
+        tmp = out / f".{CONFIG_FILE}.tmp"
         tmp.write_text(cfg.to_yaml())
-        os.replace(tmp, saved)
+        os.replace(tmp, out / CONFIG_FILE)
     return out
 
 

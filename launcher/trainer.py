@@ -6,7 +6,6 @@ process group starts or a model loads, so bad input fails in seconds with exit c
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -23,7 +22,7 @@ from launcher.errors import EXIT_FAILED, EXIT_NONFINITE, EXIT_OK, EXIT_STOPPED, 
 from launcher.evaluation import Evaluator, report_forgetting, to_device
 from launcher.l2sp import L2SP
 from launcher.loss import TaskLosses
-from launcher.metrics import EXIT_RECORD, MetricsWriter, log, record_exit, report_peak_memory
+from launcher.metrics import MetricsWriter, log, record_exit, report_peak_memory
 from launcher.model import load_tokenizer
 from launcher.objectives import objective_for
 from launcher.objectives.base import Batch
@@ -31,6 +30,7 @@ from launcher.optim import group_lrs, lr_factor, optimizer_factory, set_lr, unfr
 from launcher.preflight import check_room
 from launcher.prepare import prepare_data, prepare_output_dir
 from launcher.run_context import RunContext
+from launcher.run_dir import FINAL_DIR, RunDir
 from launcher.run_start import (
     decide_checkpointing,
     describe_sharding,
@@ -274,16 +274,14 @@ def finish(run: RunContext, writer: MetricsWriter | None, state: TrainState, tok
 
 def finished_before(out_dir: Path, steps: int, env: DistEnv) -> bool:
     """A run that already finished all `steps` (final/ written, recorded by rank 0) is not trained again."""
-    record = out_dir / EXIT_RECORD
-    done = record.is_file() and (out_dir / "final").is_dir()
-    if done:
-        ended = json.loads(record.read_text())
-        done = ended.get("exit_code") == EXIT_OK and ended.get("step") == steps
+    directory = RunDir(out_dir)
+    ended = directory.exit_record() or {}
+    done = directory.final_dir.is_dir() and ended.get("exit_code") == EXIT_OK and ended.get("step") == steps
     if done and env.is_main:
-        log(f"already finished: all {steps} steps are trained and {out_dir / 'final'} is complete; nothing to do")
+        log(f"already finished: all {steps} steps are trained and {directory.final_dir} is complete; nothing to do")
     barrier(env)  # every rank has read the record before rank 0 replaces it
     if not done and env.is_main:
-        record.unlink(missing_ok=True)  # how an earlier run ended is not how this one will
+        directory.exit_record_file.unlink(missing_ok=True)  # how an earlier run ended is not how this one will
     return done
 
 
@@ -304,8 +302,8 @@ def stopped_early(
 def save_final(run: RunContext, tokenizer: Any) -> Path:
     """Write OUTPUT_DIR/final atomically: a temp sibling renamed into place once complete."""
     out_dir, env = run.out_dir, run.env
-    final = out_dir / "final"
-    tmp = out_dir / ".final.tmp"
+    final = out_dir / FINAL_DIR
+    tmp = out_dir / f".{FINAL_DIR}.tmp"
     try:
         run.strategy.save_pretrained(tmp)
         if env.is_main:

@@ -21,8 +21,9 @@ from launcher.config import Config
 from launcher.config_loading import load_config
 from launcher.errors import ConfigError
 from launcher.input_checks import check_inputs
-from launcher.launch.slurm_status import job_fields, recorded_jobs
+from launcher.launch.slurm_status import job_fields
 from launcher.prepare import check_output_dir
+from launcher.run_dir import SLURM_DIR, SLURM_JOBS_FILE, RunDir
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "ftl.sbatch"
 LAUNCHES = ("srun", "torchrun", "accelerate")
@@ -193,8 +194,9 @@ def submit(config: str, overrides: list[str], opts: SlurmOptions, dry_run: bool 
                 "prints the job script without submitting)"
             ]
         )
-    slurm_dir = Path(cfg.output_dir).resolve() / "slurm"
-    refuse_if_active(slurm_dir)
+    out_dir = Path(cfg.output_dir).resolve()
+    refuse_if_active(RunDir(out_dir))
+    slurm_dir = out_dir / SLURM_DIR
     slurm_dir.mkdir(parents=True, exist_ok=True)
     path = slurm_dir / "job.sbatch"
     tmp = slurm_dir / ".job.sbatch.tmp"
@@ -204,7 +206,7 @@ def submit(config: str, overrides: list[str], opts: SlurmOptions, dry_run: bool 
     if res.returncode != 0:
         raise ConfigError([f"sbatch refused the job: {res.stderr.strip() or res.stdout.strip()}"])
     job_id = res.stdout.strip().split(";")[0]
-    with (slurm_dir / "jobs.jsonl").open("a") as f:
+    with (slurm_dir / SLURM_JOBS_FILE).open("a") as f:
         f.write(json.dumps({"job_id": job_id, "submitted": time.time(), "script": str(path)}) + "\n")
     print(f"submitted job {job_id}")
     print(f"  script: {path}")
@@ -213,13 +215,13 @@ def submit(config: str, overrides: list[str], opts: SlurmOptions, dry_run: bool 
     return 0
 
 
-def refuse_if_active(slurm_dir: Path) -> None:
+def refuse_if_active(run: RunDir) -> None:
     """Two jobs training into one OUTPUT_DIR would overwrite each other's checkpoints."""
-    jobs = recorded_jobs(slurm_dir)
+    jobs = run.slurm_jobs()
     if not jobs:
         return
     state = job_fields(jobs[-1]).get("JobState")
     if state in ACTIVE_STATES:
         raise ConfigError(
-            [f"output_dir: job {jobs[-1]} is still {state} for {slurm_dir.parent}; wait for it or `scancel {jobs[-1]}`"]
+            [f"output_dir: job {jobs[-1]} is still {state} for {run.path}; wait for it or `scancel {jobs[-1]}`"]
         )

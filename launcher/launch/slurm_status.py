@@ -2,21 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 from pathlib import Path
 
 from launcher.errors import ConfigError
-from launcher.run_dir import latest_checkpoint
-
-
-def recorded_jobs(slurm_dir: Path) -> list[str]:
-    """Job ids submitted for this run, oldest first."""
-    path = slurm_dir / "jobs.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line)["job_id"] for line in path.read_text().splitlines() if line.strip()]
+from launcher.run_dir import SLURM_DIR, RunDir, checkpoint_step
 
 
 def job_fields(job_id: str) -> dict[str, str]:
@@ -55,37 +46,18 @@ def _sacct_state(job_id: str) -> str | None:
     return line[0].replace("|", " exit code ") if res.returncode == 0 and line else None
 
 
-def _last_step(run: Path) -> dict | None:
-    path = run / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    last = None
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a crash: the rows before it still count
-        if "loss" in row:
-            last = row
-    return last
+def _latest_checkpoint(run: RunDir) -> str:
+    latest = run.latest_checkpoint()
+    return f"step {checkpoint_step(latest)} ({latest})" if latest else "none yet"
 
 
-def _latest_checkpoint(run: Path) -> str:
-    import yaml
-
-    saved = run / "config.yaml"
-    custom = (yaml.safe_load(saved.read_text()) or {}).get("checkpoint", {}).get("dir") if saved.is_file() else None
-    root = Path(custom) if custom else run / "checkpoints"
-    latest = latest_checkpoint(root)
-    return f"step {int(latest.name.split('-')[1])} ({latest})" if latest else "none yet"
-
-
-def status_lines(run: Path) -> list[str]:
+def status_lines(path: Path) -> list[str]:
     """What `ftl slurm status` prints."""
-    jobs = recorded_jobs(run / "slurm")
+    run = RunDir.saved(path)
+    jobs = run.slurm_jobs()
     if not jobs:
         raise ConfigError(
-            [f"{run}: no SLURM job recorded (OUTPUT_DIR/slurm/jobs.jsonl); submit with `ftl slurm submit`"]
+            [f"{path}: no SLURM job recorded (OUTPUT_DIR/slurm/jobs.jsonl); submit with `ftl slurm submit`"]
         )
     job = jobs[-1]
     fields = job_fields(job)
@@ -96,9 +68,9 @@ def status_lines(run: Path) -> list[str]:
     else:
         state = _sacct_state(job) or "unknown: slurmctld no longer holds this job (and no accounting to ask)"
         restarts = "unknown"
-    row = _last_step(run)
+    row = run.last_logged_step()
     last = (
-        f"step {row['step']} loss {row['loss']:.4f} step time {row.get('step_time', float('nan')):.2f}s"
+        f"step {row['step']} loss {_number(row['loss']):.4f} step time {_number(row.get('step_time')):.2f}s"
         if row
         else "no step logged yet"
     )
@@ -108,8 +80,13 @@ def status_lines(run: Path) -> list[str]:
         f"restarts:   {restarts}",
         f"checkpoint: {_latest_checkpoint(run)}",
         f"last step:  {last}",
-        f"log:        {run / 'slurm' / f'slurm-{job}.out'}",
+        f"log:        {path / SLURM_DIR / f'slurm-{job}.out'}",
     ]
+
+
+def _number(value: float | None) -> float:
+    """A logged number; a skipped step's loss is logged as null."""
+    return float("nan") if value is None else value
 
 
 def print_status(run_dir: str) -> int:
