@@ -2,7 +2,8 @@
 
 Each command imports what it runs inside its own function: that keeps the light commands (`validate`,
 `estimate`, `slurm status`) free of torch and `--help` instant. These are the only function-local imports of
-ftl modules besides the strategies' (launcher/strategies/__init__.py) and methods.py's adapters.
+ftl modules besides the strategies' (launcher/strategies/__init__.py) and the bottleneck adapters'
+(launcher/methods/adapter.py).
 
 Exit codes: 0 success; 1 the run failed; 2 bad input (config, data, paths), reported before heavy work;
 3 stopped early on request (signal, STOP file, max_minutes) with a checkpoint saved: rerun to resume;

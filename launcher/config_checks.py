@@ -6,12 +6,9 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
 
-from pydantic import ValidationError
-
-from launcher.config import Config, QLoraSettings
-from launcher.methods import method_traits
+from launcher.config import Config
+from launcher.methods import method_for
 from launcher.objectives.traits import format_problem, objective_traits
 from launcher.run_dir import RunDir
 from launcher.strategies.traits import traits
@@ -107,19 +104,6 @@ def foreign_pickled_resume(cfg: Config, strategy: str) -> str | None:
     )
 
 
-def qlora_problems(raw_method: dict[str, Any]) -> list[str]:
-    """QLoRA settings given while method.kind is full are a contradiction worth naming."""
-    given = raw_method.get("qlora")
-    if raw_method.get("kind") != "full" or not isinstance(given, dict):
-        return []
-    try:  # a resolved config.yaml carries the defaults: only values that differ are a contradiction
-        if QLoraSettings.model_validate(given) == QLoraSettings():
-            return []
-    except ValidationError:
-        pass
-    return ["method.qlora: settings given but method.kind is 'full' (QLoRA trains adapters only)"]
-
-
 def cuda_available() -> bool:
     try:
         import torch
@@ -158,21 +142,7 @@ def transfer_problems(cfg: Config) -> list[str]:
             p.append(f"method.freeze.patterns: {pattern!r} is not a valid regex ({err})")
     if cfg.train.schedule == "stlr" and cfg.train.warmup_steps:
         p.append("train.warmup_steps: schedule stlr rises over train.stlr.cut_frac of the steps itself; set 0")
-    if cfg.data.packing and not method_traits(cfg.method.kind).concatenates:
-        p.append(
-            f"data.packing: method.kind {cfg.method.kind} prepends virtual tokens to each row, which cannot "
-            "follow a packed row's block-diagonal mask; set data.packing: false"
-        )
-    if cfg.method.kind == "prefix_tuning" and cfg.model.task != "causal_lm":
-        p.append(
-            "method.kind: prefix_tuning feeds past key values, which sequence-classification encoders do not take; "
-            "use prompt_tuning (or adapter) with model.task: sequence_classification"
-        )
-    if cfg.train.l2sp.weight and cfg.method.kind != "full":
-        p.append(
-            f"train.l2sp: method.kind {cfg.method.kind} trains no pre-trained weights (its adapters start new); "
-            "L2-SP needs method.kind full"
-        )
+    p += method_for(cfg).problems(cfg)  # what the method refuses (packing, tasks, L2-SP)
     g = cfg.train.gradual_unfreeze
     if g.every_steps and g.every_epochs:
         p.append("train.gradual_unfreeze: set every_steps or every_epochs, not both")

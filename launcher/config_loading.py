@@ -11,8 +11,9 @@ import os
 from pydantic import ValidationError
 
 from launcher.config import Config, apply_overrides, pydantic_problems, read_yaml
-from launcher.config_checks import cross_field_problems, cuda_available, qlora_problems
+from launcher.config_checks import cross_field_problems, cuda_available
 from launcher.errors import ConfigError
+from launcher.methods import raw_method_problems
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, cuda: bool | None = None) -> Config:
@@ -23,7 +24,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
     raw = read_yaml(path) if path is not None else {}
     problems = apply_overrides(raw, overrides or [])
     if isinstance(raw.get("method"), dict):
-        problems += qlora_problems(raw["method"])
+        problems += raw_method_problems(raw["method"])
     try:
         cfg = Config.model_validate(raw)
     except ValidationError as err:

@@ -24,13 +24,13 @@ from pathlib import Path
 
 from launcher.config import Config
 from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
-from launcher.methods import method_traits
-from launcher.strategies import resolve_strategy_name
+from launcher.methods import method_for
+from launcher.methods.base import DTYPE_BYTES
+from launcher.strategies import resolve_strategy_name, sharding_alternatives
 from launcher.strategies.ds_config import stage_and_offload
 from launcher.strategies.traits import traits
 
 GIB = 2**30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 OPTIMIZER_BYTES = {"adamw": 8, "adamw_8bit": 2, "sgd": 0}
 CUDA_OVERHEAD, CPU_OVERHEAD, SLACK = 0.75 * GIB, 0.45 * GIB, 0.10
 AUTO_CHECKPOINTING_SHARE = 0.5  # the estimate errs by up to ~half on CPU-only costs: keep that much margin
@@ -91,37 +91,15 @@ def read_shape(model_path: str) -> Shape:
     )
 
 
-def _targets(cfg: Config, shape: Shape) -> list[tuple[int, int]]:
-    targets = cfg.method.lora.target_modules
-    linears = shape.linears
-    if targets == "all-linear":
-        return list(linears.values())
-    return [io for name, io in linears.items() if any(name.endswith(t) for t in targets)]
-
-
 def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
     """Unsharded weights, trainable elements and their gradient/optimizer bytes."""
-    kind, dtype = cfg.method.kind, DTYPE_BYTES[cfg.model.dtype]
+    method, dtype = method_for(cfg), DTYPE_BYTES[cfg.model.dtype]
     block = sum(i * o for i, o in shape.linears.values())
     linear = shape.layers * block
     other = shape.vocab * shape.hidden * (1 if shape.tied else 2) + (2 * shape.layers + 1) * shape.hidden
-    if kind == "adapter":  # bottleneck adapters: down + up with biases, one or two sites per block
-        a = cfg.method.adapter
-        adapters = (
-            shape.layers * (1 if a.placement == "pfeiffer" else 2) * (2 * shape.hidden * a.size + a.size + shape.hidden)
-        )
-    elif kind == "prompt_tuning":
-        adapters = cfg.method.prompt_tuning.num_virtual_tokens * shape.hidden
-    elif kind == "prefix_tuning":  # a key and a value prefix per layer
-        adapters = cfg.method.prefix_tuning.num_virtual_tokens * shape.hidden * 2 * shape.layers
-    else:
-        adapters = shape.layers * cfg.method.lora.r * sum(i + o for i, o in _targets(cfg, shape))
-    if kind == "qlora":
-        per = 0.5 + (1 / 64 if cfg.method.qlora.double_quant else 4 / 64)
-        weights = linear * per + other * DTYPE_BYTES[cfg.method.qlora.compute_dtype]
-    else:
-        weights = (linear + other) * dtype
-    adapted = method_traits(kind).adapters
+    adapters = method.added_elements(cfg, shape)
+    weights = method.weight_bytes(cfg, linear, other)
+    adapted = method.adapters
     trainable = adapters if adapted else linear + other - frozen_by_config(cfg, shape, block)
     grad_bytes = 4 if adapted else dtype
     weights += adapters * 4 if adapted else 0
@@ -130,7 +108,7 @@ def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
         "trainable": trainable,
         "gradients": trainable * grad_bytes,
         "optimizer": trainable * OPTIMIZER_BYTES[cfg.train.optimizer],
-        "block": block * (0.5 if kind == "qlora" else dtype),
+        "block": method.block_bytes(cfg, block),
         "params": linear + other,
     }
 
@@ -150,11 +128,7 @@ def activation_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
     act = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     d, i, kv = shape.hidden, shape.intermediate, shape.hidden * shape.kv_heads // shape.heads
     per_layer = 9 * d + 3 * kv + 4 * i  # norms, q/k/v (+rotary), attention out, MLP gate/up/act/product
-    if cfg.method.kind in ("lora", "qlora"):
-        targets = _targets(cfg, shape)
-        per_layer += sum(r for r in [cfg.method.lora.r] * len(targets))
-        if cfg.method.lora.dropout > 0:
-            per_layer += sum(i_ for i_, _ in targets)  # the dropped-out copy of each adapted input
+    per_layer += method_for(cfg).activation_elements(cfg, shape)  # e.g. LoRA's rank-r intermediates
     full = tokens * per_layer * act
     if cfg.train.gradient_checkpointing:
         layers = tokens * d * act * shape.layers + full  # every layer's input, one layer recomputed
@@ -227,7 +201,7 @@ def optimizer_step_bytes(cfg: Config, shape: Shape, p: dict[str, float], shards:
     temporaries = 2 if cfg.train.optimizer == "adamw" else 0
     if flat:
         return (1 + temporaries) * p["trainable"] * 4 / shards
-    if method_traits(cfg.method.kind).adapters:
+    if method_for(cfg).adapters:
         return 0.0  # small tensors
     largest = max(
         [i * o for i, o in shape.linears.values()] + [shape.vocab * shape.hidden * (not cfg.method.freeze.embeddings)]
@@ -238,7 +212,7 @@ def optimizer_step_bytes(cfg: Config, shape: Shape, p: dict[str, float], shards:
 def checkpoint_bytes(cfg: Config, trainable: float) -> float:
     """One checkpoint: the trained weights (adapters in fp32, or the model's dtype), their optimizer state and,
     under DeepSpeed, its fp32 master copy of them. The one rule for `ftl estimate` and the disk check."""
-    adapters = method_traits(cfg.method.kind).adapters
+    adapters = method_for(cfg).adapters
     weight = 4 if adapters else DTYPE_BYTES[cfg.model.dtype]
     declared = traits(cfg.distributed.strategy)  # None for `auto`, which never resolves to DeepSpeed
     master = 4 if declared and declared.fp32_master_copy else 0
@@ -247,7 +221,7 @@ def checkpoint_bytes(cfg: Config, trainable: float) -> float:
 
 def final_model_bytes(cfg: Config, trainable: float, total: float) -> float:
     """final/: the adapter a method added, or the whole model in its dtype."""
-    if method_traits(cfg.method.kind).adapters:
+    if method_for(cfg).adapters:
         return trainable * 4
     return total * DTYPE_BYTES[cfg.model.dtype]
 
@@ -269,7 +243,7 @@ def device_capacity(gpu: str | None, gpu_mem: float | None, world: int) -> tuple
 
 def fixes(cfg: Config, shape: Shape, world: int, cuda: bool, capacity: float) -> list[tuple[str, float]]:
     """Single setting changes that make the run fit, with the total each gives."""
-    t, d = cfg.train, cfg.distributed
+    t = cfg.train
     tries: list[tuple[str, dict]] = []
     if not t.gradient_checkpointing:
         tries.append(("train.gradient_checkpointing=true", {"train": {"gradient_checkpointing": True}}))
@@ -279,19 +253,8 @@ def fixes(cfg: Config, shape: Shape, world: int, cuda: bool, capacity: float) ->
         accum = t.grad_accum * t.micro_batch_size // mbs
         label = f"train.micro_batch_size={mbs} train.grad_accum={accum}"
         tries.append((label, {"train": {"micro_batch_size": mbs, "grad_accum": accum}}))
-    if world > 1 and d.strategy != "fsdp":
-        tries.append(("distributed.strategy=fsdp", {"distributed": {"strategy": "fsdp"}}))
-    if world > 1:
-        ds = {"strategy": "deepspeed", "zero_stage": 3}
-        tries.append(("distributed.strategy=deepspeed distributed.zero_stage=3", {"distributed": ds}))
-        if cuda:
-            ds_off = {**ds, "offload": "optimizer"}
-            label = "distributed.strategy=deepspeed distributed.zero_stage=3 distributed.offload=optimizer"
-            tries.append((label, {"distributed": ds_off}))
-    if cfg.method.kind == "full":
-        tries.append(("method.kind=lora", {"method": {"kind": "lora"}}))
-    if cfg.method.kind in ("full", "lora") and cuda:
-        tries.append(("method.kind=qlora", {"method": {"kind": "qlora"}}))
+    tries += sharding_alternatives(cfg, world, cuda)
+    tries += method_for(cfg).lighter_changes(cuda)
     found = []
     for label, change in tries:
         if "micro_batch_size" in label and any("micro_batch_size" in f for f, _ in found):
@@ -337,7 +300,7 @@ def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float 
     p = parameter_bytes(cfg, shape)
     lines = [
         f"model: {shape.model_type}, {p['params'] / 1e6:.1f}M parameters, {p['trainable'] / 1e6:.2f}M trainable "
-        f"({cfg.method.kind}); {family}{f' ZeRO-{stage}' if stage else ''} on {world} rank(s), "
+        f"({method_for(cfg).name}); {family}{f' ZeRO-{stage}' if stage else ''} on {world} rank(s), "
         f"{'CUDA' if cuda else 'CPU'}; micro batch {cfg.train.micro_batch_size} × {cfg.data.max_seq_len} tokens, "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
         *([auto_note] if auto_note else []),

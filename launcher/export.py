@@ -1,8 +1,5 @@
-"""`ftl export`: a run's final model as a Hugging Face directory, adapters optionally merged.
-
-QLoRA merges fold the adapter into the *dequantised* 4-bit base (the weights the adapter was trained
-against), in the QLoRA compute dtype, so the merged model reproduces the trained one.
-"""
+"""`ftl export`: a run's final model as a Hugging Face directory, adapters optionally merged (each method
+says how: launcher/methods/)."""
 
 from __future__ import annotations
 
@@ -16,43 +13,18 @@ from torch import nn
 from launcher.config import Config
 from launcher.config_loading import load_config
 from launcher.errors import ConfigError
-from launcher.methods import method_traits, save_trained_model, trainable_parameters
+from launcher.methods import method_for, save_trained_model, trainable_parameters
 from launcher.metrics import log
-from launcher.model import DTYPES, build_model, load_base_model, load_tokenizer
+from launcher.model import build_model, load_base_model, load_tokenizer
 from launcher.run_dir import CHECKPOINT_MODEL_DIR, CONFIG_FILE, MARKER, RunDir, is_complete, read_train_state
 from launcher.strategies.traits import traits
 
 
-def dequantize_4bit(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Replace every bitsandbytes Linear4bit by a plain nn.Linear holding its dequantised weight."""
-    import bitsandbytes as bnb
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if not isinstance(child, bnb.nn.Linear4bit):
-                continue
-            weight = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, dtype=dtype)
-            linear.weight.data.copy_(weight.to(dtype))
-            if child.bias is not None:
-                linear.bias.data.copy_(child.bias.data.to(dtype))
-            setattr(parent, name, linear)
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.hf_quantizer = None
-    model.is_quantized = False
-    return nn.Module.to(model, dtype)  # transformers refuses .to(dtype) on a (formerly) bnb model
-
-
 def merged_model(cfg: Config, adapter_dir: Path) -> nn.Module:
     """Base model with the adapter folded in (QLoRA: dequantised base in the compute dtype)."""
-    from peft import PeftModel
-
-    qlora = cfg.method.kind == "qlora"
-    base = load_base_model(cfg, quantize=qlora, device=torch.device("cpu"))
-    if qlora:
-        base = dequantize_4bit(base, DTYPES[cfg.method.qlora.compute_dtype])
-    return PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+    method = method_for(cfg)
+    base = load_base_model(cfg, quantize=method.quantizes_base, device=torch.device("cpu"))
+    return method.merge(cfg, base, adapter_dir)
 
 
 def checkpoint_weights(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -99,21 +71,14 @@ def _write_export(cfg: Config, src: Path, dest: Path, merge: bool) -> Path:
         raise ConfigError([f"run_dir: {src} does not exist (the run has not finished; export a checkpoint)"])
     if dest.exists() and any(dest.iterdir()):
         raise ConfigError([f"--out: {dest} exists and is not empty; choose a new directory"])
-    if cfg.method.kind == "adapter" and merge:
-        raise ConfigError(
-            [
-                "--merge: bottleneck adapters add layers, they cannot be folded into the base weights; "
-                "export without --merge writes the base model and the adapters together "
-                "(reload: launcher.adapters.load_adapter)"
-            ]
-        )
-    declared = method_traits(cfg.method.kind)
-    if merge and declared.adapters and not declared.merges and cfg.method.kind != "adapter":
-        raise ConfigError([f"--merge: {cfg.method.kind} trains virtual tokens, there is nothing to fold into weights"])
-    adapters = declared.merges
+    method = method_for(cfg)
+    refusal = method.merge_refusal() if merge else None
+    if refusal:
+        raise ConfigError([refusal])
+    adapters = method.merges
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    if cfg.method.kind == "adapter":
+    if method.exports_with_base:
         load_base_model(cfg, quantize=False, device=torch.device("cpu")).save_pretrained(tmp, safe_serialization=True)
         for f in src.iterdir():  # the adapters, their settings and the tokenizer beside the base weights
             if f.name != "config.json":
@@ -123,7 +88,7 @@ def _write_export(cfg: Config, src: Path, dest: Path, merge: bool) -> Path:
         load_tokenizer(cfg).save_pretrained(tmp)
     else:
         if merge:
-            log("--merge: this run trained all weights (method.kind=full); nothing to merge")
+            log(f"--merge: this run trained all weights (method {method.name}); nothing to merge")
         shutil.copytree(src, tmp)
     if dest.exists():
         dest.rmdir()

@@ -1,4 +1,4 @@
-"""Load a Hugging Face model and tokenizer, quantise the base (QLoRA), attach LoRA, set up checkpointing."""
+"""Load a Hugging Face model and tokenizer, attach the run's method (launcher/methods/), set up checkpointing."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from launcher.adapters import attach_adapters
 from launcher.attention import NAME as SEGMENT_ATTENTION
 from launcher.config import Config
-from launcher.errors import ConfigError
 from launcher.loss import install_label_only_head
-from launcher.methods import freeze
+from launcher.methods import freeze, method_for
 from launcher.params import param_numel
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -111,84 +109,30 @@ def set_pad_token_id(model: nn.Module) -> None:
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
 
 
-def lora_config(cfg: Config) -> Any:
-    from peft import LoraConfig, TaskType
-
-    lc = cfg.method.lora
-    task = TaskType.SEQ_CLS if cfg.model.task == "sequence_classification" else TaskType.CAUSAL_LM
-    return LoraConfig(
-        r=lc.r,
-        lora_alpha=lc.alpha,
-        lora_dropout=lc.dropout,
-        target_modules=lc.target_modules,
-        task_type=task,
-        bias="none",
-    )
-
-
 def build_model(cfg: Config, device: torch.device, quant_storage: torch.dtype | None = None) -> nn.Module:
-    """Base model + method (full / LoRA / QLoRA) + gradient checkpointing, ready to train."""
-    kind = cfg.method.kind
+    """Base model + method + gradient checkpointing, ready to train."""
+    method = method_for(cfg)
     torch.manual_seed(cfg.train.seed)  # new heads and LoRA init are seeded
-    model = load_base_model(cfg, quantize=kind == "qlora", device=device, quant_storage=quant_storage)
-    gc = cfg.train.gradient_checkpointing is True  # `auto` is resolved before training (run_start); export: off
-    if kind == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gc, gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
-    model = attach_method(model, cfg, checkpointing_done=kind == "qlora")
-    return model.to(device) if kind != "qlora" else model
+    model = load_base_model(cfg, quantize=method.quantizes_base, device=device, quant_storage=quant_storage)
+    model, checkpointing_done = method.prepare_base(model, cfg)
+    model = attach_method(model, cfg, checkpointing_done=checkpointing_done)
+    return method.place(model, device)
 
 
 def attach_method(model: nn.Module, cfg: Config, checkpointing_done: bool = False) -> nn.Module:
-    """Gradient checkpointing, LoRA adapters (in fp32) and no KV cache: the same on real or meta weights."""
-    kind = cfg.method.kind
+    """Gradient checkpointing, the method (adapters in fp32), `method.freeze` and no KV cache: the same on real
+    or meta weights."""
+    method = method_for(cfg)
     if cfg.train.gradient_checkpointing is True and not checkpointing_done:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if kind in ("lora", "adapter"):  # a frozen embedding: checkpointed blocks still need a grad path
+        if method.needs_input_grads:  # a frozen embedding: checkpointed blocks still need a grad path
             model.enable_input_require_grads()
-    if kind in ("lora", "qlora"):
-        from peft import get_peft_model
-
-        torch.manual_seed(cfg.train.seed)
-        try:
-            model = get_peft_model(model, lora_config(cfg))
-        except ValueError as err:  # peft: a target module that the model does not have
-            raise ConfigError([f"method.lora.target_modules: {err}"]) from None
-        for p in model.parameters():
-            if p.requires_grad and p.dtype != torch.float32:
-                p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
-    if kind in ("prompt_tuning", "prefix_tuning"):
-        from peft import get_peft_model
-
-        torch.manual_seed(cfg.train.seed)
-        model = get_peft_model(model, virtual_token_config(cfg))
-    if kind == "adapter":
-        torch.manual_seed(cfg.train.seed)
-        attach_adapters(model, cfg.method.adapter)
+    model = method.attach(model, cfg)
     freeze(model, cfg)
     if getattr(model.config, "use_cache", None) is not None:
         model.config.use_cache = False
     install_label_only_head(model)
     return model
-
-
-def virtual_token_config(cfg: Config) -> Any:
-    """PEFT's prompt-tuning or prefix-tuning config from method.prompt_tuning / method.prefix_tuning."""
-    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
-
-    task = "SEQ_CLS" if cfg.model.task == "sequence_classification" else "CAUSAL_LM"
-    if cfg.method.kind == "prefix_tuning":
-        return PrefixTuningConfig(task_type=task, num_virtual_tokens=cfg.method.prefix_tuning.num_virtual_tokens)
-    s = cfg.method.prompt_tuning
-    text = {"prompt_tuning_init": PromptTuningInit.RANDOM}
-    if s.init_text:
-        tokenizer = cfg.model.tokenizer or cfg.model.path
-        text = {"prompt_tuning_init": PromptTuningInit.TEXT, "prompt_tuning_init_text": s.init_text}
-        text["tokenizer_name_or_path"] = tokenizer
-    return PromptTuningConfig(task_type=task, num_virtual_tokens=s.num_virtual_tokens, **text)
 
 
 def param_counts(model: nn.Module) -> tuple[int, int]:

@@ -12,7 +12,7 @@ from launcher.data import Collator, GlobalBatchSampler
 from launcher.dist import DistEnv, all_reduce_sum
 from launcher.estimate import resolve_checkpointing
 from launcher.launch.allocator import active_allocator
-from launcher.methods import method_traits, trainable_by_block
+from launcher.methods import method_for, trainable_by_block
 from launcher.metrics import log
 from launcher.mfu import MfuMeter
 from launcher.model import param_counts
@@ -28,7 +28,7 @@ def describe_start(run: RunContext) -> None:
     if env.is_main:
         log(
             f"strategy={strategy.name} world_size={env.world_size} precision={cfg.train.precision} "
-            f"method={cfg.method.kind} device={env.device.type} cpu_threads={torch.get_num_threads()} "
+            f"method={method_for(cfg).name} device={env.device.type} cpu_threads={torch.get_num_threads()} "
             f"host_allocator={active_allocator()} "
             f"gradient_checkpointing={'on' if recomputes(strategy.unwrapped) else 'off'}"
         )
@@ -89,7 +89,7 @@ def make_collator(run: RunContext, tokenizer: Any) -> Collator:
     """The objective's collator; rows may be joined (padding-free) when data.padding_free asks and the method
     keeps a joined row's masks intact."""
     cfg = run.cfg
-    may_concatenate = cfg.data.padding_free and method_traits(cfg.method.kind).concatenates
+    may_concatenate = cfg.data.padding_free and method_for(cfg).concatenates
     return run.objective.collator(tokenizer, run.strategy.unwrapped.config, may_concatenate)
 
 

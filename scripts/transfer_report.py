@@ -145,7 +145,7 @@ def trained_model(variant: Variant, model_dir: Path, final: Path) -> Any:
         return AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32).eval()
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     if variant.method == "adapter":
-        from launcher.adapters import load_adapter
+        from launcher.methods.bottleneck import load_adapter
 
         return load_adapter(base, final).eval()
     from peft import PeftModel

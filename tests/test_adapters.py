@@ -11,8 +11,8 @@ from helpers import base_config, ftl, read_metrics, write_config
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from launcher.adapters import attach_adapters, load_adapter
 from launcher.config import AdapterSettings
+from launcher.methods.bottleneck import attach_adapters, load_adapter
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt_neox", "bert"])
@@ -89,7 +89,7 @@ def test_adapters_under_sharding_equal_a_single_process(
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
 
 
-# Where each adapter belongs, written out here from the papers (not read from launcher.adapters.SITES):
+# Where each adapter belongs, written out here from the papers (not read from launcher.methods.bottleneck.SITES):
 # blocks of the model, then (the attention sub-layer, the feed-forward sub-layer) inside a block.
 EXPECTED_SITES = {
     "llama": ("model.layers", "self_attn", "mlp"),

@@ -40,3 +40,19 @@ def make_strategy(cfg: Config, env: DistEnv) -> Strategy:
     from launcher.strategies.fsdp import FSDPStrategy  # the last name distributed.strategy admits
 
     return FSDPStrategy(cfg, env)
+
+
+def sharding_alternatives(cfg: Config, world_size: int, cuda: bool) -> list[tuple[str, dict]]:
+    """Strategy settings that hold less per rank than the configured one, as (label, config change), for
+    `ftl estimate` to try: FSDP, DeepSpeed ZeRO-3, and on CUDA ZeRO-3 with the optimizer offloaded."""
+    if world_size <= 1:
+        return []
+    tries: list[tuple[str, dict]] = []
+    if cfg.distributed.strategy != "fsdp":
+        tries.append(("distributed.strategy=fsdp", {"distributed": {"strategy": "fsdp"}}))
+    ds = {"strategy": "deepspeed", "zero_stage": 3}
+    tries.append(("distributed.strategy=deepspeed distributed.zero_stage=3", {"distributed": ds}))
+    if cuda:
+        label = "distributed.strategy=deepspeed distributed.zero_stage=3 distributed.offload=optimizer"
+        tries.append((label, {"distributed": {**ds, "offload": "optimizer"}}))
+    return tries

@@ -19,7 +19,7 @@ from torch import nn
 
 from launcher.config import Config
 from launcher.dist import DistEnv
-from launcher.methods import trainable_parameters
+from launcher.methods import method_for
 from launcher.strategies.traits import traits
 
 OptimizerFactory = Callable[[Iterable[tuple[str, nn.Parameter]]], torch.optim.Optimizer]  # trainable (name, param)
@@ -99,9 +99,9 @@ class Strategy(ABC):
         """Whether each rank's optimizer holds only its share of the trained weights."""
         return "optimizer" in traits(self.name).sharded_state(getattr(self, "stage", 0))
 
-    def iter_trainable(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of everything that trains, names as the bare model has them."""
-        return iter(trainable_parameters(self.unwrapped))
+    def checkpointed_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """The parameters a checkpoint holds, as the method declares them (the trained ones)."""
+        return iter(method_for(self.cfg).checkpoint_parameters(self.unwrapped))
 
 
 def precision_autocast(cfg: Config, device: torch.device) -> contextlib.AbstractContextManager:

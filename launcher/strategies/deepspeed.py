@@ -28,7 +28,7 @@ from torch import nn
 
 from launcher.config import Config
 from launcher.dist import DistEnv, backend_for
-from launcher.methods import method_traits, save_trained_model, trainable_parameters
+from launcher.methods import method_for, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, build_model
 from launcher.optim import zero_inactive_gradients_in_backward
@@ -100,7 +100,8 @@ class DeepSpeedStrategy(Strategy):
         self.stage, self.offload = stage_and_offload(cfg)
         self.engine: Any = None
         self.ds_config: dict[str, Any] = {}
-        self.adapters = method_traits(cfg.method.kind).adapters
+        self.method = method_for(cfg)
+        self.adapters = self.method.adapters
         self._reported = False
         self._loaded_numel = 0
 
@@ -109,7 +110,7 @@ class DeepSpeedStrategy(Strategy):
         transformers' HfDeepSpeedConfig, so each rank only ever holds its partition; QLoRA under ZeRO-3 loads
         whole, 4-bit weights in float storage, and the engine partitions it in setup."""
         init_deepspeed_dist(self.env, self.cfg.distributed.timeout_minutes)
-        if self.stage == 3 and self.cfg.method.kind != "qlora":
+        if self.stage == 3 and not self.method.quantizes_base:
             from transformers import AutoConfig
             from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
 
@@ -123,7 +124,7 @@ class DeepSpeedStrategy(Strategy):
             finally:
                 unset_hf_deepspeed_config()  # later model loads in this process are not ZeRO-3 ones
                 del hf_zero3
-        storage = quant_storage_dtype(self.cfg) if self.cfg.method.kind == "qlora" and self.stage == 3 else None
+        storage = quant_storage_dtype(self.cfg) if self.method.quantizes_base and self.stage == 3 else None
         return build_model(self.cfg, self.env.device, quant_storage=storage)
 
     def setup(self, model: nn.Module, make_optimizer: OptimizerFactory) -> nn.Module:
@@ -211,9 +212,9 @@ class DeepSpeedStrategy(Strategy):
 
     def save_pretrained(self, directory: Path) -> None:
         """Rank 0 writes a Hugging Face directory (PEFT: the adapter only); every rank must call it."""
-        state = self._gathered(trainable_only=self.adapters)
+        state = self._gathered(trainable_only=not self.method.final_holds_frozen)
         if self.env.is_main:
-            save_trained_model(self.cfg, self.unwrapped, directory, state)
+            self.method.save_final(self.cfg, self.unwrapped, directory, state)
 
     def _gathered(self, trainable_only: bool) -> dict[str, torch.Tensor]:
         """Parameters gathered one at a time onto rank 0. Trainable ones come from DeepSpeed's fp32 master copy
@@ -279,7 +280,10 @@ class DeepSpeedStrategy(Strategy):
         marker = {
             c.UNIVERSAL_CHECKPOINT_INFO: {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE}
         }
-        self.engine.save_checkpoint(str(directory), tag=CKPT_TAG, client_state=marker, exclude_frozen_parameters=True)
+        frozen_out = not self.method.checkpoint_holds_frozen
+        self.engine.save_checkpoint(
+            str(directory), tag=CKPT_TAG, client_state=marker, exclude_frozen_parameters=frozen_out
+        )
         if self.env.is_main:
             meta = {"world_size": self.env.world_size, "zero_stage": self.stage, "tag": CKPT_TAG}
             (directory / CKPT_META).write_text(json.dumps(meta) + "\n")

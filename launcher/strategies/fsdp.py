@@ -37,7 +37,7 @@ from torch.distributed.tensor import DTensor
 from launcher.config import Config
 from launcher.dist import DistEnv, backend_for
 from launcher.errors import ConfigError
-from launcher.methods import method_traits, save_trained_model, trainable_parameters
+from launcher.methods import method_for, trainable_parameters
 from launcher.metrics import log
 from launcher.model import DTYPES, build_meta_model, build_model
 from launcher.strategies.base import OptimizerFactory, quantized_linears
@@ -104,7 +104,7 @@ class FSDPStrategy(TorchStepsStrategy):
 
     def __init__(self, cfg: Config, env: DistEnv):
         super().__init__(cfg, env)
-        self._adapters = method_traits(cfg.method.kind).adapters
+        self.method = method_for(cfg)
         self._full_weights: dict[str, torch.Tensor] | None = None  # rank 0's weights, until broadcast
         self._on_meta = False
         self._reported = False
@@ -120,7 +120,7 @@ class FSDPStrategy(TorchStepsStrategy):
     def build_model(self) -> nn.Module:
         """Rank 0 loads the weights (on CPU when the run uses CUDA); the other ranks build on meta."""
         ensure_process_group(self.env)
-        if self.cfg.method.kind == "qlora":
+        if self.method.quantizes_base:  # bitsandbytes quantises while loading: no meta path, every rank loads
             return build_model(self.cfg, self.env.device, quant_storage=self.quant_storage())
         if self.env.rank != 0:
             self._on_meta = True
@@ -158,7 +158,7 @@ class FSDPStrategy(TorchStepsStrategy):
             if isinstance(module, FSDPModule):
                 module.set_gradient_divide_factor(1.0)  # sum, see the module docstring
                 module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
-        if self.env.world_size > 1 and self.cfg.method.kind != "qlora":
+        if self.env.world_size > 1 and not self.method.quantizes_base:
             self._broadcast_from_rank0(model)
         self.model = model
         self.optimizer = make_optimizer(trainable_parameters(model))
@@ -232,11 +232,24 @@ class FSDPStrategy(TorchStepsStrategy):
 
     # --- state ---------------------------------------------------------------------------------------
     def _options(self, **kw: bool) -> StateDictOptions:
-        return StateDictOptions(ignore_frozen_params=self._adapters, **kw)
+        """What a checkpoint holds of the model: the method says (the trained tensors)."""
+        return StateDictOptions(ignore_frozen_params=not self.method.checkpoint_holds_frozen, **kw)
+
+    def _checkpoint_state(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model, optimizer) state of a checkpoint: the model's holds what the method declares."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        return self._declared(model_sd, self.method.checkpoint_parameters(self.model)), optim_sd
+
+    def _declared(self, state: dict[str, Any], declared: list[tuple[str, nn.Parameter]]) -> dict[str, Any]:
+        """`state` less every parameter the method does not declare: ignore_frozen_params drops a frozen tensor
+        under its first name only (PEFT prompt tuning's `word_embeddings` is the base's embedding again)."""
+        kept = {id(p) for _, p in declared}
+        others = {n for n, p in self.model.named_parameters(remove_duplicate=False) if id(p) not in kept}
+        return {k: v for k, v in state.items() if k not in others}
 
     def save_checkpoint(self, directory: Path) -> None:
-        """Sharded DCP checkpoint of the model (trainable parameters only for adapters) and optimizer."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        """Sharded DCP checkpoint of the model (what the method's checkpoints hold) and optimizer."""
+        model_sd, optim_sd = self._checkpoint_state()
         with _dcp_errors_as_exceptions():
             dcp.save({"model": model_sd, "optimizer": optim_sd}, checkpoint_id=str(directory))
         if self.scaler and self.env.is_main:  # plain numbers, the same on every rank
@@ -244,26 +257,37 @@ class FSDPStrategy(TorchStepsStrategy):
 
     def load_checkpoint(self, directory: Path) -> None:
         """Load a DCP checkpoint into the current sharding (any world size: DCP reshards)."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer, options=self._options())
+        model_sd, optim_sd = self._checkpoint_state()
         state = {"model": model_sd, "optimizer": optim_sd}
         with _dcp_errors_as_exceptions():
             dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(
+        result = set_state_dict(
             self.model,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
-            options=self._options(strict=not self._adapters),
+            options=self._options(strict=False),  # frozen tensors are the base model's, already in place
         )
+        params = self.model.named_parameters(remove_duplicate=False)
+        absent = set() if self.method.checkpoint_holds_frozen else {n for n, p in params if not p.requires_grad}
+        missing = set(result.missing_keys) - absent
+        if missing or result.unexpected_keys:
+            raise RuntimeError(
+                f"checkpoint {directory} does not fit the model: missing {sorted(missing)[:5]}, "
+                f"unexpected {sorted(result.unexpected_keys)[:5]}"
+            )
         if self.scaler and (directory / SCALER_FILE).is_file():
             self.scaler.load_state_dict(json.loads((directory / SCALER_FILE).read_text()))
 
     def save_pretrained(self, directory: Path) -> None:
-        """Gather on rank 0 and write a Hugging Face directory there (PEFT: only the adapter)."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self._adapters)
-        state = get_model_state_dict(self.model, options=options)
+        """Gather on rank 0 what the method's final/ holds and write it there as the method stores it."""
+        frozen_too = self.method.final_holds_frozen
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen_too)
+        state = self._declared(
+            get_model_state_dict(self.model, options=options), self.method.final_parameters(self.model)
+        )
         if self.env.is_main:
-            save_trained_model(self.cfg, self.model, directory, state)
+            self.method.save_final(self.cfg, self.model, directory, state)
 
 
 class DCPError(RuntimeError):

@@ -32,7 +32,7 @@ class UnshardedStrategy(TorchStepsStrategy):
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
-        weights = {n: p.detach().contiguous().cpu() for n, p in self.iter_trainable()}
+        weights = {n: p.detach().contiguous().cpu() for n, p in self.checkpointed_parameters()}
         save_file(weights, directory / WEIGHTS_FILE)
         extra = {"optimizer": self.optimizer.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else {}}
         torch.save(extra, directory / OPTIMIZER_FILE)
@@ -42,7 +42,7 @@ class UnshardedStrategy(TorchStepsStrategy):
         from safetensors.torch import load_file
 
         weights = load_file(directory / WEIGHTS_FILE)
-        params = dict(self.iter_trainable())
+        params = dict(self.checkpointed_parameters())
         missing = set(params) - set(weights)
         if missing:
             raise RuntimeError(f"checkpoint {directory} lacks trainable parameters: {sorted(missing)[:5]}")

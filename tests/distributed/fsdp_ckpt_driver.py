@@ -1,8 +1,9 @@
 """Drives FSDPStrategy.save_checkpoint / load_checkpoint directly, on whatever world size started it.
 
-    python fsdp_ckpt_driver.py CONFIG save|load WORKDIR KIND[,KIND...] [dotted.key=value ...]
+    python fsdp_ckpt_driver.py CONFIG save|load WORKDIR KIND[+dotted.key=value...][,KIND...] [dotted.key=value ...]
 
-For each method.kind (one process start serves several: imports dominate on small CPUs):
+For each method.kind (one process start serves several: imports dominate on small CPUs), with the overrides
+given after it and its `+`s (its work directory is named by the whole item):
 save: train steps 1-4, writing a DCP checkpoint to WORKDIR/KIND/ckpt after step 2.
 load: load WORKDIR/KIND/ckpt, then train steps 3-4.
 Rank 0 writes the losses of the steps it ran (WORKDIR/KIND/{phase}.json) and the final model as `final/` would
@@ -57,6 +58,7 @@ def run_phase(config: str, phase: str, work: Path, overrides: list[str]) -> None
 
 if __name__ == "__main__":
     config, phase, root, kinds, *extra = sys.argv[1:]
-    for kind in kinds.split(","):
-        run_phase(config, phase, Path(root) / kind, [*extra, f"method.kind={kind}"])
+    for item in kinds.split(","):
+        kind, *own = item.split("+")
+        run_phase(config, phase, Path(root) / item, [*extra, *own, f"method.kind={kind}"])
     shutdown(init_distributed(30))

@@ -223,3 +223,56 @@ def test_dcp_checkpoint_saved_by_2_ranks_resumes_on_1(tmp_path: Path, models: di
             assert model_keys and all("lora_" in k for k in model_keys)
         else:
             assert len(model_keys) == len(a)
+
+
+KINDS = (
+    "full",
+    "full+method.freeze.bottom_layers=1",
+    "lora",
+    "qlora+method.qlora.compute_dtype=float32",
+    "adapter",
+    "prompt_tuning",
+    "prefix_tuning",
+)
+
+
+@pytest.mark.parametrize("strategy", ["single", "fsdp", "deepspeed"])
+def test_checkpoints_and_final_hold_exactly_what_each_method_declares(
+    tmp_path: Path, toy_data: dict, strategy: str
+) -> None:
+    """Whatever the strategy, a checkpoint's model state holds the trained tensors (a frozen tensor is the base
+    model's) and final/ what the method declares: the whole model for full, only the added tensors otherwise.
+    (FSDP once decided its checkpoint by one rule and its final/ by another.)"""
+    from helpers import build_model as build_tiny
+
+    from launcher.config_loading import load_config
+    from launcher.methods import method_for
+    from launcher.model import build_model
+    from launcher.strategies.traits import traits
+
+    # hidden 64: bitsandbytes' CPU 4-bit kernels want in_features a multiple of their block size (test_train.py)
+    base = build_tiny(tmp_path / "model64", hidden_size=64, intermediate_size=128)
+    cfg = base_config(
+        tmp_path,
+        base,
+        toy_data["completion"],
+        train={"micro_batch_size": 2},
+        distributed={"strategy": strategy, **({"zero_stage": 3} if strategy == "deepspeed" else {})},
+    )
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    # ZeRO-3's float storage meets bitsandbytes' CPU repacking of 64-wide layers (QLoRA + ZeRO-3: test_deepspeed.py)
+    kinds = [k for k in KINDS if strategy != "deepspeed" or not k.startswith("qlora")]
+    _drive(1, path, "save", tmp_path, ",".join(kinds))
+    for item in kinds:
+        kind, *own = item.split("+")
+        run = load_config(path, [*own, f"method.kind={kind}"])
+        method, model = method_for(run), build_model(run, torch.device("cpu"))
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        everything = {n for n, _ in model.named_parameters()}
+        assert trained and (trained < everything if "freeze" in item or method.adapters else trained == everything)
+        checkpoint = traits(strategy).read_weights(tmp_path / item / "ckpt")
+        assert set(checkpoint) == {n for n, _ in method.checkpoint_parameters(model)} == trained, item
+        final = _safetensors(tmp_path / item / "save-final")
+        declared = method.final_parameters(model)
+        assert {n for n, _ in declared} == (trained if method.adapters else everything), item
+        assert _numel(final) == sum(p.numel() for _, p in declared), item
