@@ -107,18 +107,22 @@ class RunDir:
 
     @property
     def config_file(self) -> Path:
+        """The config the run saved (config.yaml)."""
         return self.path / CONFIG_FILE
 
     @property
     def metrics_file(self) -> Path:
+        """One JSON row per logged step or event (metrics.jsonl)."""
         return self.path / METRICS_FILE
 
     @property
     def exit_record_file(self) -> Path:
+        """How the last run in this directory ended (last_exit.json)."""
         return self.path / EXIT_RECORD
 
     @property
     def final_dir(self) -> Path:
+        """The final model, written once all steps are trained."""
         return self.path / FINAL_DIR
 
     def config(self) -> dict[str, Any] | None:

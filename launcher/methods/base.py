@@ -43,6 +43,7 @@ class Method:
     checkpoint_holds_frozen: bool = False
     # with gradient checkpointing and a frozen embedding, checkpointed blocks need inputs that require grad
     needs_input_grads: bool = False
+    exports_with_base: bool = False  # `ftl export` writes the base weights beside final/'s files
 
     @property
     def final_holds_frozen(self) -> bool:
@@ -95,8 +96,6 @@ class Method:
     def merge_refusal(self) -> str | None:
         """Why `ftl export --merge` is refused for this method (None: it merges, or has nothing to merge)."""
         return None
-
-    exports_with_base: bool = False  # `ftl export` writes the base weights beside final/'s files
 
     # --- what `ftl estimate` counts ------------------------------------------------------------------
     def added_elements(self, cfg: Config, shape: ModelShape) -> int:
