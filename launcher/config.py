@@ -87,7 +87,7 @@ class MethodConfig(_Section):
     )
 
 
-DataFormat = Literal["chat", "alpaca", "completion", "text", "classification"]
+DataFormat = Literal["chat", "alpaca", "completion", "text", "classification", "preference"]
 
 
 class TaskSource(_Section):
@@ -140,6 +140,33 @@ class DataConfig(_Section):
         """Metric names of the tasks: `name`, else the file's stem."""
         tasks = self.tasks()
         return None if tasks is None else [t.name or Path(t.path).stem for t in tasks]
+
+
+class ObjectiveConfig(_Section):
+    kind: Literal["sft", "classification", "dpo"] | None = Field(
+        None,
+        description="What the loss is: sft (next-token loss, model.task causal_lm), classification (model.task "
+        "sequence_classification), dpo (preference pairs, data.format preference). null: from model.task.",
+    )
+    beta: float = Field(
+        0.1, gt=0, description="dpo: strength of the pull toward the reference (TRL's beta; IPO's tau)."
+    )
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
+        "sigmoid",
+        description="dpo: sigmoid (the DPO paper's), ipo (squared, on per-token-averaged log-ratios, as TRL) "
+        "or hinge (SLiC).",
+    )
+    label_smoothing: float = Field(
+        0.0,
+        ge=0,
+        lt=0.5,
+        description="dpo sigmoid: the assumed share of flipped preferences (conservative DPO); 0: plain DPO.",
+    )
+    reference: Literal["auto", "adapter_disabled"] = Field(
+        "auto",
+        description="dpo: what the policy is compared with. adapter_disabled: the same network with its "
+        "adapter switched off (no second model in memory; LoRA, QLoRA, prompt/prefix tuning); auto: that.",
+    )
 
 
 class StlrSettings(_Section):
@@ -276,6 +303,9 @@ class Config(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: MethodConfig = Field(default_factory=MethodConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    objective: ObjectiveConfig | None = Field(
+        None, description="The training objective; absent: the one model.task implies (docs/preference.md)."
+    )
     train: TrainConfig = Field(default_factory=TrainConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)

@@ -8,10 +8,10 @@ import os
 from pathlib import Path
 
 from launcher.config import Config
-from launcher.methods import method_for
-from launcher.objectives.traits import format_problem, objective_traits
+from launcher.methods import METHODS, method_for
+from launcher.objectives.traits import chosen_by, format_problem, objective_name, objective_traits
 from launcher.run_dir import RunDir
-from launcher.strategies.traits import traits
+from launcher.strategies.traits import replicated_strategies, traits
 
 
 def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
@@ -25,10 +25,10 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
         p.append("train.max_steps / train.epochs: set at least one (both are unset)")
     if not math.log2(cfg.train.fp16_initial_scale).is_integer():
         p.append(f"train.fp16_initial_scale: {cfg.train.fp16_initial_scale:g} is not a power of two")
-    if cfg.data.packing and not objective_traits(cfg.model.task).packs:
-        p.append(f"data.packing: model.task={cfg.model.task} takes one label per row; its rows cannot be packed")
+    if cfg.data.packing and not objective_traits(objective_name(cfg)).packs:
+        p.append(f"data.packing: the objective of {chosen_by(cfg)} scores whole rows; its rows cannot be packed")
     if cfg.data.tasks() is None:
-        p += [m for m in [format_problem(cfg.data.format, cfg.model.task, "data.format")] if m]
+        p += [m for m in [format_problem(cfg.data.format, cfg, "data.format")] if m]
     if cfg.data.eval and cfg.data.eval_fraction > 0:
         p.append("data.eval_fraction: set either data.eval or data.eval_fraction, not both")
     import signal
@@ -44,6 +44,7 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
     p += model_path_problems(cfg)
     p += transfer_problems(cfg)
     p += task_problems(cfg)
+    p += objective_problems(cfg)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
     p += strategy_problems(cfg, cfg.distributed.strategy, cuda)
@@ -78,6 +79,11 @@ def strategy_problems(cfg: Config, strategy: str, cuda: bool) -> list[str]:
         p.append(f"train.precision: fp16 under {declared.format} needs a CUDA GPU; use fp32 or bf16 on CPU")
     if cfg.train.nonfinite == "skip" and declared and not declared.skips_steps:
         p.append(f"train.nonfinite: 'skip' is not available under {declared.format} (its engine always steps)")
+    if declared and objective_traits(objective_name(cfg)).replicated_only and not declared.replicated:
+        p.append(
+            f"distributed.strategy: {chosen_by(cfg)} runs under {' or '.join(replicated_strategies())} for now "
+            f"(not {strategy}; the sharded strategies come later)"
+        )
     foreign = foreign_pickled_resume(cfg, strategy)
     if foreign:
         p.append(foreign)
@@ -119,7 +125,7 @@ def task_problems(cfg: Config) -> list[str]:
         return []
     p: list[str] = []
     for i, t in enumerate(tasks):
-        problem = format_problem(t.format or cfg.data.format, cfg.model.task, f"data.train[{i}].format")
+        problem = format_problem(t.format or cfg.data.format, cfg, f"data.train[{i}].format")
         p += [problem] if problem else []
     names = cfg.data.task_names()
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -152,4 +158,31 @@ def transfer_problems(cfg: Config) -> list[str]:
         layers = hf.get("num_hidden_layers", hf.get("text_config", {}).get("num_hidden_layers"))
         if isinstance(layers, int) and f.bottom_layers > layers:
             p.append(f"method.freeze.bottom_layers: {f.bottom_layers} but the model has {layers} blocks")
+    return p
+
+
+def objective_problems(cfg: Config) -> list[str]:
+    """objective: the model it trains, and what a preference objective cannot do (yet)."""
+    why, declared = chosen_by(cfg), objective_traits(objective_name(cfg))
+    p: list[str] = []
+    if cfg.model.task not in declared.tasks:
+        p.append(f"objective.kind: {why} trains a {' or '.join(declared.tasks)} model, not model.task={cfg.model.task}")
+    if not declared.pairs:
+        return p
+    o = cfg.objective
+    if not method_for(cfg).switches_off:
+        switchable = [name for name, method in METHODS.items() if method.switches_off]
+        p.append(
+            f"objective.reference: {o.reference} (for now always the network with its adapter switched off) needs "
+            f"a PEFT adapter, and method.kind {cfg.method.kind} has none; use {' or '.join(switchable)} (a reference "
+            "model or precomputed reference log-probs for full fine-tuning come later)"
+        )
+    if o.label_smoothing and o.loss_type != "sigmoid":
+        p.append(f"objective.label_smoothing: applies to the sigmoid loss only, not {o.loss_type}")
+    if cfg.data.tasks() is not None:
+        p.append("data.train: multi-task mixing is not available with objective.kind dpo yet; give one file")
+    if cfg.data.reference:
+        p.append("data.reference: the forgetting measure is not available with objective.kind dpo yet")
+    if not cfg.data.mask_prompt:
+        p.append("data.mask_prompt: dpo compares completions only; the prompt never carries loss (set true)")
     return p

@@ -30,6 +30,7 @@ from launcher.data.formats import IGNORE
 
 _LABELS: ContextVar[torch.Tensor | None] = ContextVar("ftl_labels", default=None)
 _TASKS: ContextVar[tuple[torch.Tensor, TaskLosses] | None] = ContextVar("ftl_tasks", default=None)
+_PER_ROW: ContextVar[bool] = ContextVar("ftl_per_row", default=False)
 
 
 @dataclass
@@ -95,21 +96,27 @@ def install_label_only_head(model: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def labels_for_head(labels: torch.Tensor, tasks: tuple[torch.Tensor, TaskLosses] | None = None) -> Iterator[None]:
+def labels_for_head(
+    labels: torch.Tensor, tasks: tuple[torch.Tensor, TaskLosses] | None = None, per_row: bool = False
+) -> Iterator[None]:
     """While active, a switched output layer returns the summed loss over `labels` (shifted by one), and adds
-    each task's share to `tasks` = (per-token task ids, sums) when given."""
-    token, task_token = _LABELS.set(labels), _TASKS.set(tasks)
+    each task's share to `tasks` = (per-token task ids, sums) when given. With `per_row`, one sum per row (a
+    1-dim tensor: what preference objectives compare)."""
+    token, task_token, row_token = _LABELS.set(labels), _TASKS.set(tasks), _PER_ROW.set(per_row)
     try:
         yield
     finally:
         _LABELS.reset(token)
         _TASKS.reset(task_token)
+        _PER_ROW.reset(row_token)
 
 
 def _head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     labels = _LABELS.get()
     if labels is None or hidden.shape[0] != labels.shape[0] or hidden.shape[1] < labels.shape[1]:
         return F.linear(hidden, head.weight, head.bias)
+    if _PER_ROW.get():
+        return label_loss_by_row(hidden, head.weight, head.bias, aligned_labels(labels, hidden.shape[1]))
     tasks = _TASKS.get()
     if tasks is not None:
         tasks = (aligned_labels(tasks[0], hidden.shape[1], fill=-1), tasks[1])
@@ -147,6 +154,24 @@ def label_loss_sum(
             tasks[1].add(part, owners[i : i + step])
             part = part.sum()
         total = part if total is None else total + part
+    return total
+
+
+def label_loss_by_row(
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+) -> torch.Tensor:
+    """Each row's Σ cross-entropy over its label positions (as label_loss_sum, in chunks, fp32): shape (rows,)."""
+    targets = labels[:, 1:]
+    keep = targets != IGNORE
+    owners = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    rows, wanted = hidden[:, :-1][keep], targets[keep]
+    total = hidden.float().sum() * 0.0 + torch.zeros(targets.shape[0], device=hidden.device)  # in the graph
+    step = max(1, loss_models.CHUNK_ELEMENTS // weight.shape[0])
+    for i in range(0, rows.shape[0], step):
+        part = checkpoint(
+            _chunk_loss, rows[i : i + step], weight, bias, wanted[i : i + step], True, use_reentrant=False
+        )
+        total = total.index_add(0, owners[i : i + step], part)
     return total
 
 

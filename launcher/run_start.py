@@ -39,9 +39,13 @@ def describe_start(run: RunContext) -> None:
         lrs = group_lrs(strategy.optimizer)
         if len(lrs) > 1:
             log("peak LR per group: " + " ".join(f"{k}={v:.3g}" for k, v in lrs.items()))
+        train = run.data.train
+        unit = "pairs" if train.rejected is not None else "samples"  # a preference sample is a pair of rows
+        if train.rejected is not None:
+            log(f"data.train: {len(train) + train.dropped} pairs read, {len(train)} kept")
         log(
             f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
-            f"{env.dp_size} data-parallel ranks = {sampler.global_batch} samples; "
+            f"{env.dp_size} data-parallel ranks = {sampler.global_batch} {unit}; "
             f"{sampler.steps_per_epoch} steps/epoch; {steps} steps"
         )
         describe_tasks(cfg, sampler)

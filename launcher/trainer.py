@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,19 +57,22 @@ def train_step(run: RunContext, micro: list[Batch], local_tokens: int) -> StepRe
     (global_units,) = all_reduce_sum([sum(objective.loss_units(b) for b in micro)], env)
     names = run.data.task_names or []
     per_task = TaskLosses.zeros(len(names)) if names else None
-    total = 0.0
+    total, counts = 0.0, dict.fromkeys(objective.counts, 0.0)
     for m, batch in enumerate(micro):
         with strategy.no_sync(m == len(micro) - 1), strategy.autocast():
-            loss = objective.loss_sum(strategy.model, to_device(batch, env.device), per_task).loss
-            loss = loss / max(global_units, 1)
+            result = objective.loss_sum(strategy.model, to_device(batch, env.device), per_task)
+            loss = result.loss / max(global_units, 1)
         strategy.backward(loss)
         total += float(loss.detach())
-    loss_global, tokens, *sums = all_reduce_sum([total, local_tokens, *(per_task.flat() if per_task else [])], env)
-    task_losses = dict(zip(names, TaskLosses.means(sums), strict=True))
+        counts = {k: v + result.counts[k] for k, v in counts.items()}
+    local = [total, local_tokens, *counts.values(), *(per_task.flat() if per_task else [])]
+    loss_global, tokens, *sums = all_reduce_sum(local, env)
+    metrics = objective.step_metrics(global_units, dict(zip(counts, sums[: len(counts)], strict=True)))
+    task_losses = dict(zip(names, TaskLosses.means(sums[len(counts) :]), strict=True))
     if run.cfg.train.nonfinite == "skip" and not math.isfinite(loss_global):
         strategy.discard_step()
-        return StepResult(loss_global, float("nan"), int(tokens), task_losses)
-    return StepResult(loss_global, strategy.step(run.cfg.train.max_grad_norm), int(tokens), task_losses)
+        return StepResult(loss_global, float("nan"), int(tokens), task_losses, metrics)
+    return StepResult(loss_global, strategy.step(run.cfg.train.max_grad_norm), int(tokens), task_losses, metrics)
 
 
 @dataclass
@@ -80,6 +83,7 @@ class StepResult:
     grad_norm: float  # before clipping; nan for a dropped step
     tokens: int  # global non-padding tokens
     task_losses: dict[str, float | None]  # multi-task: each task's mean loss (None: none of its labels)
+    metrics: dict[str, float] = field(default_factory=dict)  # what the objective reports per step (step_metrics)
 
 
 def run_training(cfg: Config) -> int:
@@ -127,7 +131,7 @@ def optimizer_step(run: RunContext, state: TrainState) -> dict[str, float]:
     set_lr(run.strategy.optimizer, cfg.train.lr * lr_factor(state.step, cfg.train, run.steps), state.step, period)
     micro_ids = sampler.micro_batches(state.step, run.env.dp_rank)
     micro = [run.collate(train, ids) for ids in micro_ids]
-    result = train_step(run, micro, sum(len(train.input_ids[i]) for ids in micro_ids for i in ids))
+    result = train_step(run, micro, train.tokens(i for ids in micro_ids for i in ids))
     state.step += 1
     nonfinite = not math.isfinite(result.loss) or (
         cfg.train.precision != "fp16" and not math.isfinite(result.grad_norm)
@@ -145,6 +149,7 @@ def metrics_row(run: RunContext, state: TrainState, result: StepResult, seconds:
     row = {
         "step": state.step,
         "loss": result.loss,
+        **result.metrics,
         "lr": max(lrs.values()),  # the top group's (layer_lr_decay scales the lower ones down)
         "grad_norm": result.grad_norm,
         "tokens": state.tokens,

@@ -29,7 +29,10 @@ unknown keys, wrong types and impossible combinations are reported together with
 
 
 def _section(annotation: object) -> type[BaseModel] | None:
-    """The config section a field holds (a nested model), else None."""
+    """The config section a field holds (a nested model, or an optional one: `Section | None`), else None."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        found = [a for a in typing.get_args(annotation) if a is not type(None)]
+        annotation = found[0] if len(found) == 1 else None
     return annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
 
 
@@ -80,7 +83,8 @@ def render() -> str:
         if nested is None:
             parts.append(f"## `{name}`\n\n{field.description or ''}\n\nDefault: {_default(field)}\n")
             continue
-        lines = [f"## `{name}`\n", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+        lines = [f"## `{name}`\n"] + ([f"{field.description}\n"] if field.description else [])
+        lines += ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
         lines += [f"| `{k}` | {t} | {d} | {m} |" for k, t, d, m in rows(nested, f"{name}.")]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)

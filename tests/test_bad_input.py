@@ -167,6 +167,36 @@ VALIDATE_CASES |= {
     "label-not-a-number": (lambda d: [*_rows([{"text": "w1", "label": "yes"}])(d), *CLS], "not an integer"),
 }
 
+PAIR = {"prompt": "w1 w2", "chosen": " w2 w1", "rejected": " w1 w2"}
+DPO = ["objective.kind=dpo", "method.kind=lora"]
+
+
+def _pairs(rows: list[object], *overrides: str) -> Setup:
+    return lambda d: [*_rows(rows, "preference")(d), *DPO, *overrides]
+
+
+VALIDATE_CASES |= {
+    "pair-missing-field": (_pairs([PAIR, {"prompt": "w1", "chosen": " w2"}]), "line 2: missing field(s) rejected"),
+    "pair-chosen-equals-rejected": (_pairs([PAIR, {**PAIR, "rejected": " w2 w1"}]), "line 2: 'chosen' equals"),
+    "pair-empty-completion": (_pairs([{**PAIR, "chosen": " "}, PAIR]), "line 1: 'chosen' is an empty completion"),
+    "pair-messages-after-text-prompt": (
+        _pairs([{**PAIR, "rejected": [{"role": "assistant", "content": "w1"}]}]),
+        "line 1: 'rejected' must be text (messages need a message prompt)",
+    ),
+    "pair-completion-not-assistant": (
+        _pairs([{"prompt": CHAT[:1], "chosen": [CHAT[0]], "rejected": " w1"}]),
+        "line 1: 'chosen' messages must all be assistant turns",
+    ),
+    "pair-rows-without-dpo": (_rows([PAIR], "preference"), "preference rows train objective.kind: dpo"),
+    "dpo-on-completion-rows": (_set(*DPO), "'completion' does not fit objective.kind='dpo'"),
+    "dpo-full-finetuning": (_pairs([PAIR], "method.kind=full"), "objective.reference: auto"),
+    "dpo-classification-model": (_pairs([PAIR], "model.task=sequence_classification"), "objective.kind: "),
+    "dpo-packing": (_pairs([PAIR], "data.packing=true"), "data.packing: the objective of objective.kind='dpo'"),
+    "dpo-fsdp": (_pairs([PAIR], "distributed.strategy=fsdp"), "runs under single or ddp for now"),
+    "dpo-loss-type-unknown": (_pairs([PAIR], "objective.loss_type=kto"), "objective.loss_type"),
+    "dpo-beta-zero": (_pairs([PAIR], "objective.beta=0"), "objective.beta"),
+}
+
 
 @pytest.fixture
 def cfg_dir(tmp_path: Path, models: dict, toy_data: dict) -> Path:
@@ -204,6 +234,10 @@ TRAIN_CASES: dict[str, tuple[Setup, str]] = {
     "answers-truncated-away": (
         _rows([{"prompt": " ".join(["w1"] * 60), "completion": " w2"}, OK, OK]),
         "lost every answer token",
+    ),
+    "pairs-truncated-away": (
+        _pairs([{**PAIR, "prompt": " ".join(["w1"] * 60)}, PAIR, PAIR]),
+        "data.train: 1 of 3 pairs (33%) lost a completion to truncation at data.max_seq_len=32",
     ),
 }
 

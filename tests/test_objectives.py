@@ -93,12 +93,16 @@ def test_classification_loss_is_the_heads_cross_entropy_summed_over_rows(tmp_pat
 
 
 def test_every_task_has_one_objective_and_one_declaration() -> None:
-    """model.task's values, the torch-free declarations and the implementations name the same objectives."""
+    """model.task's values and objective.kind's, the torch-free declarations and the implementations name the
+    same objectives."""
     from typing import get_args
 
-    from launcher.config import ModelConfig
+    from launcher.config import ModelConfig, ObjectiveConfig
     from launcher.objectives import IMPLEMENTATIONS
-    from launcher.objectives.traits import TRAITS
+    from launcher.objectives.traits import KINDS, TRAITS
 
     tasks = set(get_args(ModelConfig.model_fields["task"].annotation))
-    assert tasks == set(TRAITS) == set(IMPLEMENTATIONS)
+    literal, _ = get_args(ObjectiveConfig.model_fields["kind"].annotation)  # Literal[...] | None
+    kinds = set(get_args(literal))
+    assert kinds == set(KINDS) and tasks <= set(KINDS.values())
+    assert tasks | set(KINDS.values()) == set(TRAITS) == set(IMPLEMENTATIONS)

@@ -14,6 +14,7 @@ _EXPORTS = {
     "Collator": "launcher.data.batches",
     "collate": "launcher.data.batches",
     "label_token_count": "launcher.data.batches",
+    "PairCollator": "launcher.data.preference",
     "Samples": "launcher.data.tokenized",
     "DataSplits": "launcher.data.splits",
     "RawSplits": "launcher.data.splits",

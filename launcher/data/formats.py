@@ -129,9 +129,18 @@ def encode_causal(
     row: dict, fmt: str, tokenizer: Any, max_len: int, mask_prompt: bool, prefix_ids: list[int]
 ) -> dict[str, list[int]] | None:
     """input_ids + labels (IGNORE on masked tokens); None when nothing trainable survives truncation."""
-    ids: list[int] = [] if fmt == "chat" else list(prefix_ids)
+    start = [] if fmt == "chat" else prefix_ids  # a chat template writes its own leading tokens
+    return encode_segments(causal_segments(row, fmt, tokenizer), tokenizer, max_len, mask_prompt, start)
+
+
+def encode_segments(
+    segments: list[Segment], tokenizer: Any, max_len: int, mask_prompt: bool, start_ids: list[int]
+) -> dict[str, list[int]] | None:
+    """`start_ids` then each (text, trainable) segment's tokens, cut at `max_len`; labels IGNORE on the masked
+    ones. None when no label survives the cut."""
+    ids: list[int] = list(start_ids)
     labels: list[int] = [IGNORE] * len(ids)
-    for text, trainable in causal_segments(row, fmt, tokenizer):
+    for text, trainable in segments:
         if not text or len(ids) >= max_len:  # what comes after the cut is never seen: do not tokenise it
             continue
         piece = tokenize_prefix(tokenizer, text, max_len - len(ids), add_special_tokens=False)

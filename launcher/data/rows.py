@@ -19,6 +19,7 @@ REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
     "completion": ("prompt", "completion"),
     "text": ("text",),
     "classification": ("text", "label"),
+    "preference": ("prompt", "chosen", "rejected"),
 }
 
 Row = dict[str, Any]
@@ -108,7 +109,9 @@ def check_rows(rows: list[Row], fmt: str, path: str, field: str, num_labels: int
     need = REQUIRED_FIELDS[fmt]
     for i, row in enumerate(rows):
         missing = [k for k in need if row.get(k) in (None, "")]
-        if missing:
+        if fmt == "preference":
+            problems += check_pair(row, f"{field}: {_where(path, row, i)}")
+        elif missing:
             problems.append(
                 f"{field}: {_where(path, row, i)}: missing field(s) {', '.join(missing)} "
                 f"(format '{fmt}' needs {', '.join(need)})"
@@ -136,17 +139,50 @@ def _check_texts(row: Row, fmt: str, where: str) -> list[str]:
     return [f"{where}: field '{k}' must be text, got {type(row[k]).__name__} {row[k]!r}" for k in bad]
 
 
-def _check_messages(messages: Any, where: str) -> list[str]:
+def check_pair(row: Row, where: str) -> list[str]:
+    """A preference row: a prompt (text or messages), and two different, non-empty completions (text, or assistant
+    messages after a message prompt)."""
+    missing = [k for k in REQUIRED_FIELDS["preference"] if row.get(k) is None]
+    if missing:
+        return [f"{where}: missing field(s) {', '.join(missing)} (format 'preference' needs prompt, chosen, rejected)"]
+    prompt = row["prompt"]
+    if isinstance(prompt, list):
+        problems = _check_messages(prompt, where, "prompt", needs_assistant=False)
+    else:
+        problems = [] if isinstance(prompt, str) else [f"{where}: 'prompt' must be text or a list of messages"]
+    texts = {}
+    for side in ("chosen", "rejected"):
+        value = row[side]
+        if isinstance(value, list) and isinstance(prompt, list):
+            found = _check_messages(value, where, side, needs_assistant=False)
+            if not found and any(m["role"] != "assistant" for m in value):
+                found = [f"{where}: '{side}' messages must all be assistant turns"]
+            problems += found
+            texts[side] = "".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+        elif isinstance(value, str):
+            texts[side] = value
+        else:
+            need = "text or assistant messages" if isinstance(prompt, list) else "text (messages need a message prompt)"
+            problems.append(f"{where}: '{side}' must be {need}, got {type(value).__name__}")
+            continue
+        if not texts[side].strip():
+            problems.append(f"{where}: '{side}' is an empty completion")
+    if not problems and row["chosen"] == row["rejected"]:
+        problems.append(f"{where}: 'chosen' equals 'rejected': the pair prefers nothing")
+    return problems
+
+
+def _check_messages(messages: Any, where: str, key: str = "messages", needs_assistant: bool = True) -> list[str]:
     if not isinstance(messages, list) or not messages:
-        return [f"{where}: 'messages' must be a non-empty list of {{role, content}}"]
+        return [f"{where}: '{key}' must be a non-empty list of {{role, content}}"]
     for j, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return [f"{where}: messages[{j}] needs 'role' and 'content'"]
+            return [f"{where}: {key}[{j}] needs 'role' and 'content'"]
         if m["role"] not in CHAT_ROLES:
-            return [f"{where}: messages[{j}].role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}"]
+            return [f"{where}: {key}[{j}].role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}"]
         if not isinstance(m["content"], str):
-            return [f"{where}: messages[{j}].content must be text, got {type(m['content']).__name__}"]
-    if not any(m["role"] == "assistant" for m in messages):
+            return [f"{where}: {key}[{j}].content must be text, got {type(m['content']).__name__}"]
+    if needs_assistant and not any(m["role"] == "assistant" for m in messages):
         return [f"{where}: no assistant message (nothing to learn from)"]
     return []
 

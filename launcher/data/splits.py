@@ -9,6 +9,7 @@ import numpy as np
 
 from launcher.config import Config
 from launcher.data.formats import require_chat_template
+from launcher.data.preference import tokenize_pairs, uses_messages
 from launcher.data.rows import load_split
 from launcher.data.tokenized import (
     Samples,
@@ -103,9 +104,12 @@ def tokenize_split(
         return check_dropped(load_samples(path), len(rows), cfg, field)
     if not build:
         return None
-    if fmt == "chat":
+    if fmt == "chat" or (fmt == "preference" and uses_messages(rows)):
         require_chat_template(tokenizer, cfg.model.tokenizer or cfg.model.path)
-    samples = tokenize_rows(rows, fmt, tokenizer, d.max_seq_len, mask_prompt)
+    if fmt == "preference":
+        samples = tokenize_pairs(rows, tokenizer, d.max_seq_len)
+    else:
+        samples = tokenize_rows(rows, fmt, tokenizer, d.max_seq_len, mask_prompt)
     if len(samples) > 0:
         save_samples(samples, path)
     return check_dropped(samples, len(rows), cfg, field)
@@ -128,8 +132,9 @@ def check_dropped(samples: Samples, total: int, cfg: Config, field: str) -> Samp
         return samples
     d = cfg.data
     share = samples.dropped / max(total, 1)
+    unit, lost = ("pairs", "a completion") if samples.rejected is not None else ("rows", "every answer token")
     what = (
-        f"{field}: {samples.dropped} of {total} rows ({share:.0%}) lost every answer token to truncation at "
+        f"{field}: {samples.dropped} of {total} {unit} ({share:.0%}) lost {lost} to truncation at "
         f"data.max_seq_len={d.max_seq_len}"
     )
     if share > d.max_dropped_fraction or len(samples) == 0:

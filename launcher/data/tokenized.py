@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,24 +33,37 @@ class Samples:
     seq_ids: list[np.ndarray] | None = None  # packed rows only: which sample each token belongs to
     dropped: int = 0
     tasks: np.ndarray | None = None  # multi-task: each sample's task index
+    # preference pairs: the rejected completions (sample i is pair i: the arrays above hold its chosen side)
+    rejected: Samples | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    def rows(self) -> list[np.ndarray]:
+        """The token rows of every sample (both sides of a pair)."""
+        return self.input_ids + (self.rejected.input_ids if self.rejected is not None else [])
+
+    def tokens(self, ids: Iterable[int]) -> int:
+        """Tokens of the samples `ids` (both rows of a pair)."""
+        other = self.rejected
+        return sum(len(self.input_ids[i]) + (len(other.input_ids[i]) if other is not None else 0) for i in ids)
+
     @property
     def mean_length(self) -> float:
-        return sum(len(x) for x in self.input_ids) / max(len(self), 1)
+        rows = self.rows()
+        return sum(len(x) for x in rows) / max(len(rows), 1)
 
     @property
     def label_fraction(self) -> float:
         """Label-carrying tokens per token (causal rows; 0 for classification)."""
-        return self.num_label_tokens / max(sum(len(x) for x in self.input_ids), 1) if self.labels is not None else 0.0
+        return self.num_label_tokens / max(sum(len(x) for x in self.rows()), 1) if self.labels is not None else 0.0
 
     @property
     def num_label_tokens(self) -> int:
         if self.labels is None:
             return len(self)
-        return int(sum((lab[1:] != IGNORE).sum() for lab in self.labels))
+        labels = self.labels + (self.rejected.labels if self.rejected is not None else [])
+        return int(sum((lab[1:] != IGNORE).sum() for lab in labels))
 
 
 def token_cache_dir() -> Path:
@@ -113,6 +127,9 @@ def save_samples(samples: Samples, path: Path) -> None:
         arrays["labels"], _ = _flat(samples.labels)
     if samples.class_labels is not None:
         arrays["class_labels"] = samples.class_labels
+    if samples.rejected is not None:
+        arrays["rejected_ids"], arrays["rejected_offsets"] = _flat(samples.rejected.input_ids)
+        arrays["rejected_labels"], _ = _flat(samples.rejected.labels)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
@@ -123,11 +140,16 @@ def save_samples(samples: Samples, path: Path) -> None:
 def load_samples(path: Path) -> Samples:
     with np.load(path, allow_pickle=False) as z:
         offsets = z["offsets"]
+        rejected = None
+        if "rejected_ids" in z:
+            sides = z["rejected_offsets"]
+            rejected = Samples(_split(z["rejected_ids"], sides), labels=_split(z["rejected_labels"], sides))
         return Samples(
             input_ids=_split(z["ids"], offsets),
             labels=_split(z["labels"], offsets) if "labels" in z else None,
             class_labels=z["class_labels"] if "class_labels" in z else None,
             dropped=int(z["dropped"]),
+            rejected=rejected,
         )
 
 

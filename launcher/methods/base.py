@@ -8,6 +8,7 @@ or peft imports it inside the function.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -44,6 +45,8 @@ class Method:
     # with gradient checkpointing and a frozen embedding, checkpointed blocks need inputs that require grad
     needs_input_grads: bool = False
     exports_with_base: bool = False  # `ftl export` writes the base weights beside final/'s files
+    # what it added can be switched off, giving back the network it started from (a preference reference)
+    switches_off: bool = False
 
     @property
     def final_holds_frozen(self) -> bool:
@@ -62,6 +65,10 @@ class Method:
     def place(self, model: nn.Module, device: Any) -> nn.Module:
         """Move the built model to the run's device."""
         return model.to(device)
+
+    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """While active, `model` (as the method built it) computes without what the method added."""
+        raise NotImplementedError(f"method {self.name} cannot switch off what it trained")
 
     # --- saving, loading, export ---------------------------------------------------------------------
     def checkpoint_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:

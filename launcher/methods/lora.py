@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,13 @@ class LoRA(Method):
 
     name = "lora"
     adapters = True
+    switches_off = True
     merges = True
     needs_input_grads = True
+
+    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """PEFT's own switch: the base network without the adapter."""
+        return model.disable_adapter()
 
     def attach(self, model: nn.Module, cfg: Config) -> nn.Module:
         """PEFT's LoRA on the targets (seeded), the adapters cast to fp32 whatever the base dtype."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,11 +23,16 @@ class VirtualTokens(Method):
     virtual tokens (no packing: it cannot follow a block-diagonal 4D mask), and nothing to merge."""
 
     adapters = True
+    switches_off = True
     concatenates = False
 
     def peft_config(self, cfg: Config) -> Any:
         """PEFT's config for this method's settings."""
         raise NotImplementedError
+
+    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """PEFT's own switch: the base network without the adapter."""
+        return model.disable_adapter()
 
     def attach(self, model: nn.Module, cfg: Config) -> nn.Module:
         """PEFT's prompt-learning model (seeded)."""

@@ -9,6 +9,7 @@ import importlib
 from typing import TYPE_CHECKING
 
 from launcher.config import Config
+from launcher.objectives.traits import objective_name
 
 if TYPE_CHECKING:
     from launcher.objectives.base import Objective
@@ -16,10 +17,11 @@ if TYPE_CHECKING:
 IMPLEMENTATIONS = {
     "causal_lm": "launcher.objectives.causal_lm:CausalLM",
     "sequence_classification": "launcher.objectives.classification:SequenceClassification",
+    "dpo": "launcher.objectives.dpo:DPO",
 }
 
 
 def objective_for(cfg: Config) -> Objective:
-    """The objective of this run, by what the model is trained to do (model.task)."""
-    module, name = IMPLEMENTATIONS[cfg.model.task].split(":")
+    """The objective of this run: objective.kind when given, else by what the model is trained to do (model.task)."""
+    module, name = IMPLEMENTATIONS[objective_name(cfg)].split(":")
     return getattr(importlib.import_module(module), name)(cfg)

@@ -36,7 +36,7 @@ class Objective(ABC):
     """Collation, normalisation, loss and evaluation report of one kind of training."""
 
     name: str = "base"
-    counts: tuple[str, ...] = ()  # the names of LossSum.counts, all-reduced with the loss in evaluation
+    counts: tuple[str, ...] = ()  # the names of LossSum.counts, all-reduced with the loss (training and evaluation)
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -58,6 +58,10 @@ class Objective(ABC):
     @abstractmethod
     def loss_sum(self, model: nn.Module, batch: Batch, per_task: TaskLosses | None = None) -> LossSum:
         """The summed loss of `batch` (on the model's device); each task's share added to `per_task`."""
+
+    def step_metrics(self, units: float, counts: dict[str, float]) -> dict[str, float]:
+        """What a training row shows beyond the loss, from the step's all-reduced unit count and `counts`."""
+        return {}
 
     def report(self, loss_total: float, units: float, counts: dict[str, float]) -> dict[str, float]:
         """The evaluation row from all-reduced sums."""

@@ -5,36 +5,62 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from launcher.config import Config
+
 
 @dataclass(frozen=True)
 class ObjectiveTraits:
     """An objective's declaration."""
 
-    name: str  # the model.task it trains
+    name: str  # the implementation's name (a model.task, or an objective.kind of its own)
     formats: tuple[str, ...]  # the data.format values whose rows it reads
     packs: bool  # rows may be packed into one (their loss units stay separate)
     head: str  # what the loss is taken through, for messages
+    tasks: tuple[str, ...] = ("causal_lm",)  # the model.task values whose model it trains
+    replicated_only: bool = False  # it runs only where every rank holds the whole model (single, DDP) so far
+    pairs: bool = False  # it compares the two completions of preference pairs against a reference
 
 
 TRAITS = {
     "causal_lm": ObjectiveTraits("causal_lm", ("chat", "alpaca", "completion", "text"), packs=True, head="LM head"),
     "sequence_classification": ObjectiveTraits(
-        "sequence_classification", ("classification",), packs=False, head="classification head"
+        "sequence_classification",
+        ("classification",),
+        packs=False,
+        head="classification head",
+        tasks=("sequence_classification",),
     ),
+    # preference pairs: padding-free/packed pairs and the sharded strategies come later (issue 18)
+    "dpo": ObjectiveTraits("dpo", ("preference",), packs=False, head="LM head", replicated_only=True, pairs=True),
 }
+KINDS = {"sft": "causal_lm", "classification": "sequence_classification", "dpo": "dpo"}  # objective.kind -> name
 
 
-def objective_traits(task: str) -> ObjectiveTraits:
-    """The declaration of the objective that trains `model.task`."""
-    return TRAITS[task]
+def objective_name(cfg: Config) -> str:
+    """The implementation this run trains with: objective.kind when given, else what model.task implies."""
+    kind = cfg.objective.kind if cfg.objective is not None else None
+    return KINDS[kind] if kind else cfg.model.task
 
 
-def format_problem(fmt: str, task: str, where: str) -> str | None:
-    """A message when rows of format `fmt` cannot train `model.task` (None when they can)."""
-    declared = objective_traits(task)
+def chosen_by(cfg: Config) -> str:
+    """Which setting picked the objective, for messages."""
+    kind = cfg.objective.kind if cfg.objective is not None else None
+    return f"objective.kind='{kind}'" if kind else f"model.task='{cfg.model.task}'"
+
+
+def objective_traits(name: str) -> ObjectiveTraits:
+    """The declaration of the objective implementation `name` (see objective_name)."""
+    return TRAITS[name]
+
+
+def format_problem(fmt: str, cfg: Config, where: str) -> str | None:
+    """A message when rows of format `fmt` cannot train this run's objective (None when they can)."""
+    declared = objective_traits(objective_name(cfg))
     if fmt in declared.formats:
         return None
+    readers = [k for k, name in KINDS.items() if fmt in TRAITS[name].formats]
+    hint = f"; {fmt} rows train objective.kind: {readers[0]}" if readers else ""
     return (
-        f"{where}: '{fmt}' does not fit model.task='{task}': its objective reads {', '.join(declared.formats)} rows "
-        f"(one run trains one head, here the {declared.head})"
+        f"{where}: '{fmt}' does not fit {chosen_by(cfg)}: its objective reads {', '.join(declared.formats)} rows "
+        f"(one run trains one head, here the {declared.head}){hint}"
     )

@@ -24,6 +24,7 @@ class StrategyTraits:
     # what is split across ranks ("weights", "gradients", "optimizer"), by ZeRO stage (one entry: no stages)
     sharded: tuple[tuple[str, ...], ...] = ((),)
     gradient_copies: int = 1  # DDP's gradient buckets hold a second copy
+    replicated: bool = False  # every rank holds the whole model and optimizer as a plain torch module
     whole_model_on_rank0: bool = False  # rank 0 loads every weight into host memory before sharding
     frees_gradients: bool = True  # gradients are freed after each step (not kept in persistent buffers)
     flat_optimizer_step: bool = False  # the optimizer steps one flat tensor per rank (its temporaries are that big)
@@ -39,6 +40,7 @@ class StrategyTraits:
 
 _TORCH = StrategyTraits(
     family="torch",
+    replicated=True,
     format="safetensors + torch optimizer state",
     unpickles=False,
     fp16_needs_cuda=False,
@@ -73,6 +75,11 @@ TRAITS = {
         sharded=((), ("optimizer",), ("optimizer", "gradients"), ("optimizer", "gradients", "weights")),
     ),
 }
+
+
+def replicated_strategies() -> list[str]:
+    """The strategies that keep the whole model on every rank, for messages."""
+    return [name for name, declared in TRAITS.items() if declared.replicated]
 
 
 def traits(strategy: str) -> StrategyTraits | None:

@@ -1,0 +1,115 @@
+"""Direct preference optimisation (DPO) on preference pairs, with the reference = the same network with its
+adapter switched off.
+
+A batch holds n pairs as 2n rows: the chosen completions, then the rejected ones (launcher/data/preference.py).
+With π the policy's and ρ the reference's summed log-probability of a completion given its prompt, each pair's
+margin is m = (π_c − ρ_c) − (π_r − ρ_r), and its loss (TRL 1.16's definitions; ε = label_smoothing):
+  sigmoid  −logσ(β·m)·(1−ε) − logσ(−β·m)·ε          (ε > 0: conservative DPO)
+  ipo      (m̄ − 1/(2β))², m̄ on log-ratios averaged over each completion's tokens (as TRL)
+  hinge    relu(1 − β·m)
+The summed loss is normalised by pairs. The log-probs come from the label-only output layer of launcher/loss.py
+(label positions only, in chunks, one sum per row) where the model has it, else from the model's full logits.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from launcher.data import PairCollator
+from launcher.data.formats import IGNORE
+from launcher.loss import TaskLosses, aligned_labels, labels_for_head
+from launcher.methods import method_for
+from launcher.objectives.base import Batch, LossSum, Objective
+
+INPUTS = ("input_ids", "attention_mask")
+METRICS = (
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+)
+
+
+def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's summed log-probability of its label tokens (fp32), and how many label tokens it has. A model
+    with the label-only output layer (launcher/loss.py) returns the per-row sums itself, without full logits."""
+    labels = batch["labels"]
+    with labels_for_head(labels, per_row=True):
+        out = model(**{k: batch[k] for k in INPUTS}).logits
+    lengths = (labels[:, 1:] != IGNORE).sum(1)
+    if out.ndim == 1:
+        return -out, lengths
+    targets = aligned_labels(labels, out.size(1))[:, 1:]  # prompt tuning prepends virtual tokens
+    flat = out[:, :-1].float().reshape(-1, out.size(-1))
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return -nll.view(targets.shape).sum(1), lengths
+
+
+def pair_losses(
+    margins: torch.Tensor, avg_margins: torch.Tensor, beta: float, loss_type: str, eps: float
+) -> torch.Tensor:
+    """Each pair's loss from its margin m (summed log-ratios) and, for IPO, its token-averaged margin."""
+    if loss_type == "sigmoid":
+        return -F.logsigmoid(beta * margins) * (1 - eps) - F.logsigmoid(-beta * margins) * eps
+    if loss_type == "ipo":
+        return (avg_margins - 1 / (2 * beta)) ** 2
+    if loss_type == "hinge":
+        return torch.relu(1 - beta * margins)
+    raise ValueError(f"objective.loss_type: unknown {loss_type!r}")
+
+
+class DPO(Objective):
+    """DPO with the sigmoid, IPO or hinge loss; TRL's metric names."""
+
+    name = "dpo"
+    counts = METRICS
+
+    def collator(self, tokenizer: Any, model_config: Any, may_concatenate: bool) -> PairCollator:
+        """Pairs stay padded rows (padding-free pairs come later, so `may_concatenate` is not used)."""
+        return PairCollator(tokenizer.pad_token_id)
+
+    def loss_units(self, batch: Batch) -> int:
+        """Pairs."""
+        return int(batch["input_ids"].shape[0]) // 2
+
+    def reference_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The reference's per-row log-probs: the same network, adapter off, no graph."""
+        # a DDP wrapper's module is called directly: a no-grad forward needs no gradient hooks
+        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        with torch.no_grad(), method_for(self.cfg).switched_off(inner):
+            return sequence_logps(inner, batch)[0]
+
+    def loss_sum(self, model: nn.Module, batch: Batch, per_task: TaskLosses | None = None) -> LossSum:
+        """Σ over the batch's pairs of the DPO loss, and the sums behind TRL's reward and log-prob metrics."""
+        o = self.cfg.objective
+        reference = self.reference_logps(model, batch)
+        policy, lengths = sequence_logps(model, batch)
+        ratios = policy - reference
+        chosen, rejected = ratios.chunk(2)
+        chosen_len, rejected_len = lengths.clamp(min=1).chunk(2)
+        margins = chosen - rejected
+        averaged = chosen / chosen_len - rejected / rejected_len
+        loss = pair_losses(margins, averaged, o.beta, o.loss_type, o.label_smoothing).sum()
+        return LossSum(loss, self._counts(o.beta * chosen.detach(), o.beta * rejected.detach(), policy.detach()))
+
+    @staticmethod
+    def _counts(chosen: torch.Tensor, rejected: torch.Tensor, policy: torch.Tensor) -> dict[str, float]:
+        """Sums over pairs of the implicit rewards β·(π − ρ), their order and margin, and the policy log-probs."""
+        logps_chosen, logps_rejected = policy.chunk(2)
+        values = (chosen, rejected, (chosen > rejected).float(), chosen - rejected, logps_chosen, logps_rejected)
+        return {name: float(v.sum()) for name, v in zip(METRICS, values, strict=True)}
+
+    def step_metrics(self, units: float, counts: dict[str, float]) -> dict[str, float]:
+        """Means over the step's pairs, under TRL's names."""
+        return {name: counts[name] / max(units, 1) for name in METRICS}
+
+    def report(self, loss_total: float, units: float, counts: dict[str, float]) -> dict[str, float]:
+        """Mean loss and the same metrics over the eval pairs, prefixed `eval_`."""
+        means = self.step_metrics(units, counts)
+        return {"eval_loss": loss_total / max(units, 1), **{f"eval_{k}": v for k, v in means.items()}}
