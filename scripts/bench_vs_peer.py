@@ -207,10 +207,10 @@ def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], ar
     )
     print(f"| run | useful tokens/s | vs {args.peer} | peak RSS GB | vs {args.peer} | wall s |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for v in results:
+    missing = [{"tokens_per_s": float("nan"), "rss_gb": float("nan")}]  # the peer was not run (--only)
+    for v in list(results):
         peer = (args.peer, "packing" if v[1] == "packing" else "padding", True)
-        if peer not in results:
-            results[peer] = [{"tokens_per_s": float("nan"), "rss_gb": float("nan")}]
+        results.setdefault(peer, missing)
         tps, rss = med(v, "tokens_per_s"), med(v, "rss_gb")
         print(
             f"| {label(v, results[v][0].get('checkpointing'))} | {tps:.1f} ({spread(v, 'tokens_per_s', '.1f')}) | "
