@@ -23,7 +23,7 @@ from launcher.run_start import make_collator
 from launcher.trainer import optimizer_step, plan_run
 
 LN2 = math.log(2)
-METRICS = (
+METRICS = (  # TRL's names, written out here so the test holds the product to them (not to its own list)
     "rewards/chosen",
     "rewards/rejected",
     "rewards/accuracies",
