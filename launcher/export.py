@@ -13,7 +13,7 @@ from torch import nn
 from launcher.config import Config
 from launcher.config_loading import load_config
 from launcher.errors import ConfigError
-from launcher.methods import method_for, save_trained_model, trainable_parameters
+from launcher.methods import method_for, trainable_parameters
 from launcher.metrics import log
 from launcher.model import build_model, load_base_model, load_tokenizer
 from launcher.run_dir import CHECKPOINT_MODEL_DIR, CONFIG_FILE, MARKER, RunDir, is_complete, read_train_state
@@ -46,7 +46,7 @@ def checkpoint_to_hf(cfg: Config, ckpt: Path, out: Path) -> Path:
     with torch.no_grad():
         for name, p in trainable.items():
             p.copy_(weights[name].to(p.dtype))
-    save_trained_model(cfg, model, out)
+    method_for(cfg).save_final(cfg, model, out)
     load_tokenizer(cfg).save_pretrained(out)
     return out
 

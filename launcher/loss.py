@@ -84,6 +84,20 @@ def causal_lm_loss_sum(
     return losses.sum()
 
 
+def causal_lm_loss_by_row(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each row's summed next-token loss over its label tokens (fp32), shape (rows,): the label-only output
+    layer returns them itself; a model without it goes through its full logits."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    with labels_for_head(batch["labels"], per_row=True):
+        out = model(**inputs).logits
+    if out.ndim == 1:
+        return out
+    targets = aligned_labels(batch["labels"], out.size(1))[:, 1:]  # prompt tuning prepends virtual tokens
+    flat = out[:, :-1].float().reshape(-1, out.size(-1))
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none")
+    return nll.view(targets.shape).sum(1)
+
+
 def install_label_only_head(model: nn.Module) -> bool:
     """Make the model's output layer compute the label-only loss while `labels_for_head` is active (its plain
     Linear forward otherwise, e.g. for generation). Returns whether the model was switched."""

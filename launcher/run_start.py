@@ -39,9 +39,9 @@ def describe_start(run: RunContext) -> None:
         lrs = group_lrs(strategy.optimizer)
         if len(lrs) > 1:
             log("peak LR per group: " + " ".join(f"{k}={v:.3g}" for k, v in lrs.items()))
-        train = run.data.train
-        unit = "pairs" if train.rejected is not None else "samples"  # a preference sample is a pair of rows
-        if train.rejected is not None:
+        train, pairs = run.data.train, run.objective.traits.pairs
+        unit = "pairs" if pairs else "samples"  # a preference sample is a pair of rows
+        if pairs:
             log(f"data.train: {len(train) + train.dropped} pairs read, {len(train)} kept")
         log(
             f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "

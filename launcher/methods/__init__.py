@@ -6,8 +6,7 @@ compares method names. Torch-free at import (`ftl estimate`, `ftl validate`).
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from launcher.config import Config
 from launcher.methods.adapter import BottleneckAdapters
@@ -19,9 +18,6 @@ from launcher.methods.prefix_tuning import PrefixTuning
 from launcher.methods.prompt_tuning import PromptTuning
 from launcher.methods.qlora import QLoRA
 
-if TYPE_CHECKING:  # torch-free at import
-    from torch import nn
-
 __all__ = [
     "Method",
     "block_of",
@@ -29,7 +25,6 @@ __all__ = [
     "method_for",
     "num_layers",
     "raw_method_problems",
-    "save_trained_model",
     "trainable_by_block",
     "trainable_parameters",
 ]
@@ -49,8 +44,3 @@ def raw_method_problems(raw_method: dict[str, Any]) -> list[str]:
     """What the named method refuses in the `method` section as written (an unknown kind: validation's job)."""
     kind = raw_method.get("kind")
     return METHODS[kind].raw_problems(raw_method) if kind in METHODS else []
-
-
-def save_trained_model(cfg: Config, model: nn.Module, directory: Path, state: dict | None = None) -> None:
-    """Write the final model as the run's method stores it. `state`: tensors gathered by a sharding strategy."""
-    method_for(cfg).save_final(cfg, model, directory, state)

@@ -21,11 +21,10 @@ from torch import nn
 
 from launcher.data import PairCollator
 from launcher.data.formats import IGNORE
-from launcher.loss import TaskLosses, aligned_labels, labels_for_head
+from launcher.loss import TaskLosses, causal_lm_loss_by_row
 from launcher.methods import method_for
 from launcher.objectives.base import Batch, LossSum, Objective
 
-INPUTS = ("input_ids", "attention_mask")
 METRICS = (
     "rewards/chosen",
     "rewards/rejected",
@@ -37,18 +36,8 @@ METRICS = (
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed log-probability of its label tokens (fp32), and how many label tokens it has. A model
-    with the label-only output layer (launcher/loss.py) returns the per-row sums itself, without full logits."""
-    labels = batch["labels"]
-    with labels_for_head(labels, per_row=True):
-        out = model(**{k: batch[k] for k in INPUTS}).logits
-    lengths = (labels[:, 1:] != IGNORE).sum(1)
-    if out.ndim == 1:
-        return -out, lengths
-    targets = aligned_labels(labels, out.size(1))[:, 1:]  # prompt tuning prepends virtual tokens
-    flat = out[:, :-1].float().reshape(-1, out.size(-1))
-    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return -nll.view(targets.shape).sum(1), lengths
+    """Each row's summed log-probability of its label tokens (fp32), and how many label tokens it has."""
+    return -causal_lm_loss_by_row(model, batch), (batch["labels"][:, 1:] != IGNORE).sum(1)
 
 
 def pair_losses(

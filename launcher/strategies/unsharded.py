@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from launcher.methods import save_trained_model
+from launcher.methods import method_for
 from launcher.strategies.torch_steps import TorchStepsStrategy
 
 WEIGHTS_FILE = "trainable.safetensors"
@@ -23,7 +23,7 @@ class UnshardedStrategy(TorchStepsStrategy):
     def save_pretrained(self, directory: Path) -> None:
         """Rank 0 writes the final model as the method stores it (PEFT: the adapter only)."""
         if self.env.is_main:
-            save_trained_model(self.cfg, self.unwrapped, directory)
+            method_for(self.cfg).save_final(self.cfg, self.unwrapped, directory)
 
     def save_checkpoint(self, directory: Path) -> None:
         """Rank 0 writes the trainable weights (safetensors) and the optimizer / scaler state."""
