@@ -170,7 +170,7 @@ def objective_problems(cfg: Config) -> list[str]:
     if not declared.pairs:
         return p
     o = cfg.objective
-    if not method_for(cfg).switches_off:
+    if declared.reference and not method_for(cfg).switches_off:
         switchable = [name for name, method in METHODS.items() if method.switches_off]
         p.append(
             f"objective.reference: {o.reference} (for now always the network with its adapter switched off) needs "

@@ -18,7 +18,8 @@ class ObjectiveTraits:
     head: str  # what the loss is taken through, for messages
     tasks: tuple[str, ...] = ("causal_lm",)  # the model.task values whose model it trains
     replicated_only: bool = False  # it runs only where every rank holds the whole model (single, DDP) so far
-    pairs: bool = False  # it compares the two completions of preference pairs against a reference
+    pairs: bool = False  # it reads preference pairs (a sample is a pair: two completions of one prompt)
+    reference: bool = False  # it compares the policy with a reference model (objective.reference)
 
 
 TRAITS = {
@@ -31,7 +32,9 @@ TRAITS = {
         tasks=("sequence_classification",),
     ),
     # preference pairs: padding-free/packed pairs and the sharded strategies come later (issue 18)
-    "dpo": ObjectiveTraits("dpo", ("preference",), packs=False, head="LM head", replicated_only=True, pairs=True),
+    "dpo": ObjectiveTraits(
+        "dpo", ("preference",), packs=False, head="LM head", replicated_only=True, pairs=True, reference=True
+    ),
 }
 KINDS = {"sft": "causal_lm", "classification": "sequence_classification", "dpo": "dpo"}  # objective.kind -> name
 
