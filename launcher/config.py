@@ -87,7 +87,12 @@ class MethodConfig(_Section):
     )
 
 
-DataFormat = Literal["chat", "alpaca", "completion", "text", "classification", "preference"]
+DataFormat = Literal["chat", "sharegpt", "alpaca", "completion", "text", "classification", "preference"]
+COLUMNS_HELP = (
+    "Your dataset's column names for the fields its format reads, {field: column}: e.g. {messages: conversations, "
+    "role: from, content: value} for chat, {prompt: question, completion: answer}, {text: body}, {label: "
+    "sentiment} (role/content rename the keys inside messages)."
+)
 
 
 class TaskSource(_Section):
@@ -95,6 +100,7 @@ class TaskSource(_Section):
 
     path: str = Field(description="The task's training file: JSONL, JSON, CSV or Parquet.")
     format: DataFormat | None = Field(None, description="How its rows are rendered; defaults to data.format.")
+    columns: dict[str, str] | None = Field(None, description=COLUMNS_HELP + " Defaults to data.columns.")
     weight: float = Field(1.0, gt=0, description="Its share of every global batch (weights are normalised).")
     name: str | None = Field(None, description="Name in metrics (`loss/<name>`); defaults to the file's stem.")
 
@@ -107,7 +113,15 @@ class DataConfig(_Section):
     )
     eval: str | list[str] | None = Field(None, description="Optional held-out file(s).")
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Split this share of train off as eval.")
-    format: DataFormat = Field("chat", description="How rows are rendered into tokens.")
+    format: DataFormat = Field(
+        "chat",
+        description="How rows are rendered into tokens. sharegpt: chat rows written as `conversations` of "
+        "{from, value} (human/gpt/system/observation/function_call speakers).",
+    )
+    columns: dict[str, str] = Field(default_factory=dict, description=COLUMNS_HELP)
+    system_prompt: str | None = Field(
+        None, description="chat/sharegpt: a system turn put first in every conversation that opens without one."
+    )
     max_seq_len: int = Field(512, ge=8, description="Rows are truncated (or packed) to this many tokens.")
     packing: bool = Field(False, description="Pack samples into full rows (no cross-sample attention).")
     padding_free: bool = Field(

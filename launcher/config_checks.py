@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from launcher.config import Config
+from launcher.data.columns import CONVERSATION_FORMATS, column_problems
 from launcher.methods import METHODS, method_for
 from launcher.objectives.traits import chosen_by, format_problem, objective_name, objective_traits
 from launcher.run_dir import RunDir
@@ -44,6 +45,7 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
     p += model_path_problems(cfg)
     p += transfer_problems(cfg)
     p += task_problems(cfg)
+    p += row_shape_problems(cfg)
     p += objective_problems(cfg)
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).exists():
         p.append(f"checkpoint.resume: no such checkpoint directory: {cfg.checkpoint.resume}")
@@ -131,6 +133,25 @@ def task_problems(cfg: Config) -> list[str]:
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         p.append(f"data.train: task name(s) {', '.join(twice)} appear twice; give each task a distinct `name`")
+    return p
+
+
+def row_shape_problems(cfg: Config) -> list[str]:
+    """data.columns (and a task's columns) name fields its format reads; data.system_prompt has a conversation
+    to go into."""
+    d, tasks = cfg.data, cfg.data.tasks()
+    sources = [(d.format, d.columns, "data.columns")] if tasks is None else []
+    for i, t in enumerate(tasks or []):
+        own = t.columns is not None
+        where = f"data.train[{i}].columns" if own else f"data.columns (for data.train[{i}])"
+        sources.append((t.format or d.format, t.columns if own else d.columns, where))
+    p = [m for fmt, columns, where in sources for m in column_problems(fmt, columns, where)]
+    if d.system_prompt is not None and not any(fmt in CONVERSATION_FORMATS for fmt, _, _ in sources):
+        formats = sorted({fmt for fmt, _, _ in sources})
+        p.append(
+            f"data.system_prompt: applies to conversations (format {' or '.join(CONVERSATION_FORMATS)}), not "
+            f"{', '.join(formats)} rows; put the instruction into the rows instead"
+        )
     return p
 
 

@@ -167,6 +167,29 @@ VALIDATE_CASES |= {
     "label-not-a-number": (lambda d: [*_rows([{"text": "w1", "label": "yes"}])(d), *CLS], "not an integer"),
 }
 
+QA = [{"question": "w1", "answer": " w2"}, {"question": "w3"}]
+COLUMNS = ["data.columns.prompt=question", "data.columns.completion=answer"]
+VALIDATE_CASES |= {
+    "sharegpt-unknown-speaker": (
+        _rows([{"conversations": [{"from": "narrator", "value": "w1"}]}], "sharegpt"),
+        "line 1: messages[0].from: 'narrator' is not a ShareGPT speaker",
+    ),
+    "sharegpt-without-conversations": (_rows([{"messages": []}], "sharegpt"), "must be a non-empty list"),
+    "columns-missing-column": (
+        lambda d: [*_rows(QA)(d), *COLUMNS],
+        "line 2: missing column 'answer' (data.columns.completion)",
+    ),
+    "columns-field-the-format-does-not-read": (
+        _set("data.columns.messages=dialog"),
+        "data.columns.messages: format 'completion' reads no field 'messages'",
+    ),
+    "columns-two-fields-one-column": (
+        _set("data.columns.prompt=q", "data.columns.completion=q"),
+        "two fields map to the same column",
+    ),
+    "system-prompt-without-conversations": (_set("data.system_prompt=w1"), "data.system_prompt: applies to"),
+}
+
 PAIR = {"prompt": "w1 w2", "chosen": " w2 w1", "rejected": " w1 w2"}
 DPO = ["objective.kind=dpo", "method.kind=lora"]
 

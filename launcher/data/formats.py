@@ -30,6 +30,22 @@ def require_chat_template(tokenizer: Any, where: str) -> None:
         )
 
 
+def require_tool_calls(rows: list[dict], tokenizer: Any, field: str) -> None:
+    """Tool calls in assistant turns are kept only where the chat template renders them: never dropped silently."""
+    if "tool_calls" in (tokenizer.chat_template or ""):
+        return
+    for i, row in enumerate(rows):
+        if any(isinstance(m, dict) and m.get("tool_calls") for m in row.get("messages") or []):
+            where = f"line {row['_line']}" if "_line" in row else f"row {i + 1}"
+            raise ConfigError(
+                [
+                    f"{field}: {where} has an assistant turn with tool_calls, and the tokenizer's chat template "
+                    "does not render tool calls (they would be lost). Use a model whose template supports tools, "
+                    "or write the calls into the turn's content."
+                ]
+            )
+
+
 def chat_prompt(tokenizer: Any, messages: list[dict]) -> str:
     """The text a model sees before generating the next assistant turn."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from launcher.data.columns import RowShape, rendered_as
 from launcher.errors import ConfigError
 
 REQUIRED_FIELDS: dict[str, tuple[str, ...]] = {
@@ -176,12 +177,15 @@ def _check_messages(messages: Any, where: str, key: str = "messages", needs_assi
     if not isinstance(messages, list) or not messages:
         return [f"{where}: '{key}' must be a non-empty list of {{role, content}}"]
     for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        calls = isinstance(m, dict) and m.get("role") == "assistant" and bool(m.get("tool_calls"))
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not calls):
             return [f"{where}: {key}[{j}] needs 'role' and 'content'"]
         if m["role"] not in CHAT_ROLES:
             return [f"{where}: {key}[{j}].role {m['role']!r} is not one of {', '.join(CHAT_ROLES)}"]
-        if not isinstance(m["content"], str):
+        if not isinstance(m.get("content"), str) and not (calls and m.get("content") is None):
             return [f"{where}: {key}[{j}].content must be text, got {type(m['content']).__name__}"]
+        if "tool_calls" in m and not (calls and isinstance(m["tool_calls"], list)):
+            return [f"{where}: {key}[{j}].tool_calls must be a non-empty list on an assistant turn"]
     if needs_assistant and not any(m["role"] == "assistant" for m in messages):
         return [f"{where}: no assistant message (nothing to learn from)"]
     return []
@@ -200,8 +204,9 @@ def _check_label(label: Any, num_labels: int, where: str) -> list[str]:
     return []
 
 
-def load_split(paths: str | list[str], fmt: str, field: str, num_labels: int = 2) -> list[Row]:
-    """Read and check every file of one split; raise once with all problems."""
+def load_split(paths: str | list[str], shape: RowShape, field: str, num_labels: int = 2) -> list[Row]:
+    """Read, reshape (data.columns, ShareGPT, system prompt) and check every file of one split; raise once with
+    all problems."""
     rows: list[Row] = []
     problems: list[str] = []
     for path in [paths] if isinstance(paths, str) else paths:
@@ -210,7 +215,8 @@ def load_split(paths: str | list[str], fmt: str, field: str, num_labels: int = 2
         except ConfigError as err:
             problems += err.problems
             continue
-        problems += check_rows(file_rows, fmt, path, field, num_labels)
+        reshaped = shape.reshape(file_rows, [f"{field}: {_where(path, r, i)}" for i, r in enumerate(file_rows)])
+        problems += reshaped or check_rows(file_rows, rendered_as(shape.fmt), path, field, num_labels)
         rows += file_rows
     if problems:
         raise ConfigError(problems)

@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 
 from launcher.config import Config
-from launcher.data.formats import require_chat_template
+from launcher.data.columns import RowShape, rendered_as
+from launcher.data.formats import require_chat_template, require_tool_calls
 from launcher.data.preference import tokenize_pairs, uses_messages
 from launcher.data.rows import load_split
 from launcher.data.tokenized import (
@@ -54,9 +55,10 @@ def read_splits(cfg: Config) -> RawSplits:
     d = cfg.data
     problems: list[str] = []
 
-    def load(paths: str | list[str], fmt: str, field: str) -> list[dict]:
+    def load(paths: str | list[str], fmt: str, field: str, columns: dict[str, str] | None = None) -> list[dict]:
+        shape = RowShape(fmt, d.columns if columns is None else columns, d.system_prompt)
         try:
-            return load_split(paths, fmt, field, cfg.model.num_labels)
+            return load_split(paths, shape, field, cfg.model.num_labels)
         except ConfigError as err:
             problems.extend(err.problems)
             return []
@@ -65,9 +67,9 @@ def read_splits(cfg: Config) -> RawSplits:
     if tasks is None:
         parts = [load(d.train, d.format, "data.train")]
     else:
-        parts = [load(t.path, t.format or d.format, f"data.train[{i}]") for i, t in enumerate(tasks)]
+        parts = [load(t.path, t.format or d.format, f"data.train[{i}]", t.columns) for i, t in enumerate(tasks)]
     evals = load(d.eval, d.format, "data.eval") if d.eval else None
-    reference = load(d.reference, d.reference_format, "data.reference") if d.reference else None
+    reference = load(d.reference, d.reference_format, "data.reference", {}) if d.reference else None
     if problems:
         raise ConfigError(problems)
     eval_parts = None
@@ -98,6 +100,7 @@ def tokenize_split(
     data.reference rows are in their own format, and every token of them carries loss."""
     d = cfg.data
     fmt, mask_prompt = (d.reference_format, False) if field == "data.reference" else (fmt or d.format, d.mask_prompt)
+    fmt = rendered_as(fmt)
     settings = {"format": fmt, "max_len": d.max_seq_len, "mask_prompt": mask_prompt}
     path = token_cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
     if path.exists():
@@ -106,6 +109,7 @@ def tokenize_split(
         return None
     if fmt == "chat" or (fmt == "preference" and uses_messages(rows)):
         require_chat_template(tokenizer, cfg.model.tokenizer or cfg.model.path)
+        require_tool_calls(rows, tokenizer, field)
     if fmt == "preference":
         samples = tokenize_pairs(rows, tokenizer, d.max_seq_len)
     else:

@@ -23,7 +23,9 @@ class ObjectiveTraits:
 
 
 TRAITS = {
-    "causal_lm": ObjectiveTraits("causal_lm", ("chat", "alpaca", "completion", "text"), packs=True, head="LM head"),
+    "causal_lm": ObjectiveTraits(
+        "causal_lm", ("chat", "sharegpt", "alpaca", "completion", "text"), packs=True, head="LM head"
+    ),
     "sequence_classification": ObjectiveTraits(
         "sequence_classification",
         ("classification",),
