@@ -4,11 +4,14 @@ Layout: CKPT_ROOT/step-00000040/ with
   model/            the strategy's own sharded format (DCP, DeepSpeed engine, or safetensors + optimizer)
   rng-rank{r}.pt    RNG states of rank r (tensors and plain numbers only; loaded with weights_only=True)
   trainer_state.json step, samples, tokens, world size, strategy, W&B id, ftl version, config + hash
+  MANIFEST-rank{r}.json  checksums of rank r's share of the files above (launcher/manifest.py)
   COMPLETE          written last, after everything else is fsynced, by rank 0
 
 Every rank writes into CKPT_ROOT/.step-00000040.tmp; after a barrier rank 0 fsyncs, renames the directory
 into place and writes COMPLETE. A directory without COMPLETE (killed mid-write) is never loaded, never
 counted as latest, and is cleaned up by the next save. Retention runs only after a checkpoint is complete.
+A complete checkpoint is verified against its manifest before it is loaded; one that fails is renamed
+corrupt-step-N (kept for inspection, never loaded again) and the run resumes from the one before it.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ import torch
 from launcher import __version__
 from launcher.config import Config
 from launcher.config_checks import run_dir_of
-from launcher.dist import DistEnv, barrier
+from launcher.dist import DistEnv, all_lists, barrier
 from launcher.errors import ConfigError
+from launcher.manifest import verify_share, write_share
 from launcher.metrics import log
 from launcher.prepare import flatten, meaningful_changes
 from launcher.rng import global_streams_state, seed_global_streams, set_global_streams, untouched_global_streams
 from launcher.run_dir import (
     CHECKPOINT_MODEL_DIR,
+    CORRUPT_PREFIX,
     MARKER,
     STEP_DIR,
     TRAIN_STATE_FILE,
@@ -149,6 +154,10 @@ class CheckpointManager:
         except Exception as err:
             raise self._write_failed(err, tmp, state.step) from err
         barrier(self.env)  # every rank has finished writing
+        hashing = time.perf_counter()
+        write_share(tmp, self.env.rank, self.env.world_size)
+        barrier(self.env)
+        hashing = time.perf_counter() - hashing
         if self.env.is_main:
             _pause_for_tests(state.step)
             _fsync_tree(tmp)
@@ -159,7 +168,9 @@ class CheckpointManager:
             _fsync_dir(final)
             _fsync_dir(self.root)
             size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
-            log(f"checkpoint step {state.step}: {final} ({size / 2**20:.1f} MiB, {time.perf_counter() - t0:.1f}s)")
+            seconds = time.perf_counter() - t0
+            mib = size / 2**20
+            log(f"checkpoint step {state.step}: {final} ({mib:.1f} MiB, {seconds:.1f}s; checksums {hashing:.2f}s)")
             self._prune()
         barrier(self.env)
         self.last_save_time = time.monotonic()
@@ -213,16 +224,55 @@ class CheckpointManager:
             shutil.rmtree(p)
 
     def resume_path(self) -> Path | None:
-        """What to resume from: the configured PATH, the latest complete checkpoint (auto), or nothing."""
+        """What to resume from: the configured PATH, or the latest complete checkpoint that verifies (auto), or
+        nothing. Collective: every rank verifies its share of the files and all learn the verdict."""
         resume = self.cfg.checkpoint.resume
         if resume == "never":
             return None
-        if resume == "auto":
-            return self.run.latest_checkpoint()
-        path = Path(resume)
-        if not is_complete(path):
-            raise ConfigError([f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)"])
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            if not is_complete(path):
+                raise ConfigError([f"checkpoint.resume: {path} is not a complete checkpoint (no {MARKER} marker)"])
+            problems = self._verify(path)
+            if problems:
+                raise ConfigError([f"checkpoint.resume: {path} is corrupt: {'; '.join(problems)}"])
+            return path
+        corrupt = []
+        for path in reversed(self.run.checkpoints()):
+            problems = self._verify(path)
+            if not problems:
+                return path
+            corrupt.append(self._set_aside(path, problems))
+        if corrupt:
+            raise ConfigError(
+                [f"checkpoint: no verified checkpoint left to resume from; set aside as corrupt: {', '.join(corrupt)}"]
+            )
+        return None
+
+    def _verify(self, path: Path) -> list[str]:
+        """Problems with `path` found by any rank (each checks a share of its files); the same list on every rank."""
+        t0 = time.perf_counter()
+        has_manifest, problems = verify_share(path, self.env.rank, self.env.world_size)
+        problems = all_lists(problems, self.env)
+        if self.env.is_main and not problems and has_manifest:
+            log(f"{path.name}: checksums verified in {time.perf_counter() - t0:.2f}s")
+        elif self.env.is_main and not problems:
+            log(f"{path.name}: no checksum manifest (written before checkpoints were verified); loaded unverified")
+        return problems
+
+    def _set_aside(self, path: Path, problems: list[str]) -> str:
+        """Rename a corrupt checkpoint out of the way (never deleted: the user may want the bytes) and say so."""
+        aside, n = path.with_name(f"{CORRUPT_PREFIX}{path.name}"), 1
+        while aside.exists():  # the same step set aside before (a rerun wrote it anew, and it rotted again)
+            n += 1
+            aside = path.with_name(f"{CORRUPT_PREFIX}{path.name}.{n}")
+        barrier(self.env)
+        if self.env.is_main:
+            log(f"checkpoint {path} is corrupt ({'; '.join(problems)}); moved to {aside}, trying the one before it")
+            path.rename(aside)
+            _fsync_dir(path.parent)
+        barrier(self.env)
+        return aside.name
 
     def load(self, strategy: Strategy, path: Path) -> TrainState:
         """Restore model, optimizer and counters from `path` (all ranks); the random streams are restored by

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from launcher.config import Config
 from launcher.config_loading import load_config
@@ -44,8 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--merge", action="store_true", help="fold LoRA/QLoRA adapters into the base weights")
     e.add_argument("--checkpoint", help="export checkpoints/step-N (any strategy, consolidated offline)")
-    c = sub.add_parser("check", help="preflight: config, data, model size, disk, GPUs, rendezvous, W&B (exit 2)")
-    c.add_argument("config")
+    c = sub.add_parser(
+        "check",
+        help="preflight: config, data, model size, disk, GPUs, rendezvous, W&B (exit 2); given a run directory: "
+        "verify its checkpoints' checksums",
+    )
+    c.add_argument("config", help="a config file, or a run directory (output_dir) whose checkpoints to verify")
     c.add_argument("overrides", nargs="*")
     c.add_argument("--nproc", type=_count, default=0, help="also start N ranks that meet and all-reduce once")
     m = sub.add_parser("estimate", help="per-rank peak memory before launch; whether it fits (exit 0) or not (1)")
@@ -142,8 +147,10 @@ def _leave_rank(code: int) -> None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    from launcher.preflight import run_check
+    from launcher.preflight import check_checkpoints, run_check
 
+    if Path(args.config).is_dir():
+        return check_checkpoints(Path(args.config))
     return run_check(resolved_config(args), args.nproc)
 
 

@@ -97,6 +97,15 @@ def all_reduce_sum(values: list[float], env: DistEnv) -> list[float]:
     return t.tolist()
 
 
+def all_lists(items: list[str], env: DistEnv) -> list[str]:
+    """Every rank's `items`, concatenated in rank order, on every rank (small lists: messages)."""
+    if not env.distributed:
+        return list(items)
+    gathered: list[list[str] | None] = [None] * env.world_size
+    dist.all_gather_object(gathered, items)
+    return [item for part in gathered for item in part or []]
+
+
 def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()

@@ -1,4 +1,5 @@
 """`ftl check CONFIG [--nproc N]`: everything that can fail a run, checked before it starts, without training.
+`ftl check RUN_DIR`: every checkpoint of a run verified against its checksums (launcher/manifest.py).
 
 Config and data (as `ftl validate`), the model's config and size (built on the meta device: no weights
 read), free disk for the checkpoints `keep_last` keeps plus the final model, the world size against the
@@ -20,9 +21,11 @@ from launcher.dist import DistEnv
 from launcher.errors import ConfigError
 from launcher.estimate import checkpoint_bytes, final_model_bytes
 from launcher.input_checks import check_inputs
+from launcher.manifest import verify_run
 from launcher.metrics import log
 from launcher.model import build_meta_model, param_counts
 from launcher.prepare import check_output_dir
+from launcher.run_dir import RunDir
 from launcher.strategies.base import Strategy
 from launcher.world import free_port
 
@@ -151,3 +154,20 @@ def check_room(cfg: Config, strategy: Strategy, env: DistEnv) -> None:
     if env.is_main:
         for problem in disk_problems(cfg, *param_counts(strategy.unwrapped)):
             log(f"warning: {problem}")
+
+
+def check_checkpoints(run_dir: Path) -> int:
+    """Verify every complete checkpoint of the run in `run_dir` and print one line each: 0 when none is corrupt,
+    2 when one is (it is named; nothing is moved: a training run sets corrupt ones aside itself)."""
+    run = RunDir.saved(run_dir)
+    rows = verify_run(run.checkpoint_root)
+    if not rows:
+        print(f"{run_dir}: no complete checkpoint under {run.checkpoint_root}")
+        return 0
+    for step, path, verdict in rows:
+        print(f"step {step:>8}  {path}  {verdict}")
+    bad = [path.name for _, path, verdict in rows if verdict != "verified" and not verdict.startswith("not verif")]
+    if bad:
+        sys.stderr.write(f"ftl: corrupt checkpoint(s): {', '.join(bad)}\n")
+        return 2
+    return 0

@@ -31,6 +31,8 @@ MARKER = "COMPLETE"
 TRAIN_STATE_FILE = "trainer_state.json"  # in each checkpoint: counters, W&B id, strategy, config
 CHECKPOINT_MODEL_DIR = "model"  # in each checkpoint: the strategy's own format of the weights and optimizer
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+MANIFEST_PREFIX = "MANIFEST-rank"  # in each checkpoint: MANIFEST-rank{r}.json, checksums of rank r's share of files
+CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed verification is renamed corrupt-step-N: kept, never loaded
 
 
 def step_dir_name(step: int) -> str:

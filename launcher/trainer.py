@@ -183,7 +183,7 @@ def check_finite(run: RunContext, state: TrainState, ckpt: CheckpointManager) ->
     if t.nonfinite == "skip" and state.skipped_in_a_row < t.max_skipped_steps:
         return
     ids = run.sampler.global_ids(state.step - 1).tolist()
-    latest = ckpt.resume_path() if run.cfg.checkpoint.resume == "auto" else None
+    latest = ckpt.run.latest_checkpoint()
     first = state.step - state.skipped_in_a_row + 1
     what = (
         f"step {state.step} has a non-finite loss or gradient"

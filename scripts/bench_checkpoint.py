@@ -20,9 +20,12 @@ from pathlib import Path
 
 from bench_strategies import STRATEGIES, run_ftl, text_rows, write_cfg  # scripts/ is on sys.path
 
+from launcher.manifest import write_share
+
 ROOT = Path(__file__).resolve().parents[1]
 
-SAVE = re.compile(r"checkpoint step (\d+): \S+ \(([\d.]+) MiB, ([\d.]+)s\)")
+SAVE = re.compile(r"checkpoint step (\d+): \S+ \(([\d.]+) MiB, ([\d.]+)s; checksums ([\d.]+)s\)")
+VERIFY = re.compile(r"step-\d+: checksums verified in ([\d.]+)s")
 LOAD = re.compile(r"resumed from \S+ at step (\d+) .*loaded in ([\d.]+)s")
 
 
@@ -37,11 +40,19 @@ def bench_one(root: Path, model: Path, data: Path, kind: str, name: str) -> dict
     cfg = write_cfg(root, model, data, kind, strategy, dist)
     extra = ["method.qlora.compute_dtype=float32"] if kind == "qlora" else []  # bf16 is emulated on this CPU
     log, _ = ftl(cfg, *extra, nproc=nproc)
-    _, size, save_s = SAVE.search(log).groups()
+    _, size, save_s, hash_s = SAVE.search(log).groups()
     shutil.rmtree(root / "run" / "final")
     log, _ = ftl(cfg, "train.max_steps=4", *extra, nproc=nproc)
-    load_s = LOAD.search(log).group(2)
-    return {"strategy": name, "method": kind, "size_mib": float(size), "save_s": float(save_s), "load_s": float(load_s)}
+    load_s, verify_s = LOAD.search(log).group(2), VERIFY.search(log).group(1)
+    return {
+        "strategy": name,
+        "method": kind,
+        "size_mib": float(size),
+        "save_s": float(save_s),
+        "hash_s": float(hash_s),
+        "load_s": float(load_s),
+        "verify_s": float(verify_s),
+    }
 
 
 def checkpoint_at(root: Path, model: Path, data: Path, at: int) -> tuple[Path, Path]:
@@ -54,6 +65,7 @@ def checkpoint_at(root: Path, model: Path, data: Path, at: int) -> tuple[Path, P
     state = json.loads((dst / "trainer_state.json").read_text())
     state["step"] = at
     (dst / "trainer_state.json").write_text(json.dumps(state))
+    write_share(dst, 0, 1)  # the edited trainer_state.json would otherwise (rightly) fail verification
     return cfg, run
 
 
@@ -99,10 +111,13 @@ def main() -> None:
                 sub.mkdir()
                 rows.append(bench_one(sub, model, data, kind, name))
         resume = resume_costs(root, model, data)
-    print("\n| strategy | method | checkpoint size (MiB) | save (s) | load (s) |")
-    print("| --- | --- | --- | --- | --- |")
+    print("\n| strategy | method | size (MiB) | save (s) | of it checksums (s, %) | load (s) | verify (s, % of load) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        print(f"| {r['strategy']} | {r['method']} | {r['size_mib']:.1f} | {r['save_s']:.2f} | {r['load_s']:.2f} |")
+        hashing = f"{r['hash_s']:.2f} ({100 * r['hash_s'] / max(r['save_s'], 1e-9):.1f}%)"
+        verify = f"{r['verify_s']:.2f} ({100 * r['verify_s'] / max(r['load_s'], 1e-9):.1f}%)"
+        cells = [r["strategy"], r["method"], f"{r['size_mib']:.1f}", f"{r['save_s']:.2f}", hashing]
+        print("| " + " | ".join([*cells, f"{r['load_s']:.2f}", verify]) + " |")
     print("\n| resume at step | whole process + 1 step (s) | checkpoint load (s) | first step (s) |")
     print("| --- | --- | --- | --- |")
     for at, r in resume.items():

@@ -35,7 +35,7 @@ STRATEGIES = {
     "zero3_offload": ("deepspeed", 2, {"zero_stage": 3, "offload": "all"}),
 }
 PEAK = re.compile(r"rank (\d+): peak memory (\d+) MiB")
-SAVE = re.compile(r"checkpoint step (\d+): \S+ \(([\d.]+) MiB, ([\d.]+)s\)")
+SAVE = re.compile(r"checkpoint step (\d+): \S+ \(([\d.]+) MiB, ([\d.]+)s;")
 
 
 def run_ftl(cfg: Path, *overrides: str, nproc: int = 0) -> str:

@@ -132,3 +132,14 @@ def straight_and_resumed(cfg_path: Path, tmp: Path, kill_step: int = 3, resumed_
     assert code == 0 and f"at step {resumed_at}" in log, log[-3000:]
     assert max_weight_diff(final_weights(run), final_weights(straight)) <= 1e-6
     return straight, run
+
+
+def flip_bytes(checkpoint: Path) -> Path:
+    """Flip 8 bytes inside the largest weights file of `checkpoint` (what a bad disk or a partial copy does to the
+    data region: the file keeps its size and its header); returns the file."""
+    victim = max((p for p in (checkpoint / "model").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(victim.read_bytes())
+    at = int(len(data) * 0.6)
+    data[at : at + 8] = bytes(b ^ 0xFF for b in data[at : at + 8])
+    victim.write_bytes(bytes(data))
+    return victim

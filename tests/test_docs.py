@@ -29,6 +29,9 @@ EXERCISED_BY: dict[str, str] = {
     r"ftl slurm submit my\.yaml": HERE,  # with --dry-run; real submissions: tests/slurm/test_slurm_jobs.py
     r"ftl check my\.yaml --nproc \d+$": "tests/test_check.py::test_a_good_run_is_ready_and_two_ranks_meet",
     r"ftl check my\.yaml$": "tests/test_check.py::test_too_little_disk_for_the_checkpoints",
+    r"ftl check runs/my-run$": (
+        "tests/test_integrity.py::test_a_corrupt_checkpoint_is_set_aside_and_the_run_still_ends_exactly"
+    ),
     r"ftl train my\.yaml$": "tests/test_train.py::test_loss_falls_and_run_dir_is_complete",
     r"ftl train --nproc \d+ my\.yaml": "tests/distributed/test_launchers.py::test_every_launcher_gives_the_same_losses",
     r"torchrun --nproc_per_node \d+ -m launcher train my\.yaml": (

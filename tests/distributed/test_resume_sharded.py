@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 from helpers import base_config, write_config
-from resume_utils import final_weights, finish, kill_after, loss_scales, losses, max_weight_diff, start
+from resume_utils import final_weights, finish, flip_bytes, kill_after, loss_scales, losses, max_weight_diff, start
 
 pytestmark = pytest.mark.slow
 STEPS = 8
@@ -90,6 +90,25 @@ def test_kill_and_resume_is_exact(
     assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-6
     if kind.endswith("-fp16"):  # the sharded grad scaler resumed mid-flight, not from its initial scale
         assert loss_scales(run) == loss_scales(ref) and len(set(loss_scales(ref))) > 2
+
+
+@pytest.mark.parametrize(("strategy", "kind"), [("fsdp", "lora"), ("zero3", "full")])
+def test_a_corrupt_shard_is_set_aside_and_the_run_still_ends_exactly(
+    tmp_path: Path, models: dict, toy_data: dict, straight, strategy: str, kind: str
+) -> None:
+    """8 bytes flipped in the largest shard of the latest checkpoint (killed after step 5): the ranks verify their
+    shares, agree it is corrupt, set it aside and resume from step 2, ending where the straight run ends."""
+    cfg, extra = _config(tmp_path, models, toy_data, kind), STRATEGY[strategy]
+    ref = straight(strategy, kind)
+    run = tmp_path / "killed"
+    kill_after(cfg, run, *extra, step=5, nproc=2)
+    victim = flip_bytes(run / "checkpoints" / "step-00000004")
+    log = _run(cfg, run, extra, 2)
+    assert "step-00000004 is corrupt" in log and victim.name in log and "at step 2" in log, log[-3000:]
+    assert (run / "checkpoints" / "corrupt-step-00000004").is_dir()
+    got, want = losses(run), losses(ref)
+    assert [got[s] for s in range(3, STEPS + 1)] == pytest.approx([want[s] for s in range(3, STEPS + 1)], rel=1e-6)
+    assert max_weight_diff(final_weights(run), final_weights(ref)) <= 1e-6
 
 
 @pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
