@@ -7,7 +7,8 @@ ftl modules besides the strategies' (launcher/strategies/__init__.py) and the bo
 
 Exit codes: 0 success; 1 the run failed; 2 bad input (config, data, paths), reported before heavy work;
 3 stopped early on request (signal, STOP file, max_minutes) with a checkpoint saved: rerun to resume;
-4 a NaN/inf loss or gradient (train.nonfinite), nothing non-finite saved. `ftl estimate`: 0 fits, 1 does not.
+4 a NaN/inf loss or gradient (train.nonfinite), nothing non-finite saved; 5 hung (a rank stopped: named in the
+log). `ftl estimate`: 0 fits, 1 does not.
 """
 
 from __future__ import annotations

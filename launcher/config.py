@@ -256,6 +256,12 @@ class DistributedConfig(_Section):
         "auto", description="auto: single for one process, else what the launcher asked, else ddp."
     )
     timeout_minutes: float = Field(30, gt=0, description="Collective timeout.")
+    hang_timeout_minutes: float = Field(
+        5,
+        gt=0,
+        description="No step completed in this long (and in 20 median step times; 3x during checkpoint writes "
+        "and evaluation): every live rank logs its stack, names the stopped rank and exits 5 (hung).",
+    )
     fsdp_wrap: list[str] | None = Field(
         None, description="FSDP: module classes sharded as one unit each; null: the model's _no_split_modules."
     )

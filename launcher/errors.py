@@ -7,6 +7,7 @@ EXIT_FAILED = 1  # a run or command that failed (a crash, a full disk, an estima
 EXIT_BAD_INPUT = 2  # bad input (config, data, paths), reported before any heavy work
 EXIT_STOPPED = 3  # stopped early on request (signal, STOP file, max_minutes); a checkpoint was saved
 EXIT_NONFINITE = 4  # a NaN/inf loss or gradient (train.nonfinite); nothing non-finite was saved
+EXIT_HUNG = 5  # no step completed within distributed.hang_timeout_minutes: a rank stopped (named in the log)
 
 
 class ConfigError(Exception):

@@ -32,6 +32,7 @@ TRAIN_STATE_FILE = "trainer_state.json"  # in each checkpoint: counters, W&B id,
 CHECKPOINT_MODEL_DIR = "model"  # in each checkpoint: the strategy's own format of the weights and optimizer
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MANIFEST_PREFIX = "MANIFEST-rank"  # in each checkpoint: MANIFEST-rank{r}.json, checksums of rank r's share of files
+HEARTBEAT_DIR = ".heartbeats"  # in OUTPUT_DIR: rank{r}.json, each rank's liveness (launcher/watchdog.py)
 CORRUPT_PREFIX = "corrupt-"  # a checkpoint that failed verification is renamed corrupt-step-N: kept, never loaded
 
 

@@ -41,6 +41,7 @@ from launcher.run_start import (
 from launcher.stop import StopRequest
 from launcher.strategies import make_strategy
 from launcher.strategies.base import Strategy
+from launcher.watchdog import Watchdog
 
 
 def total_steps(cfg: Config, sampler: GlobalBatchSampler) -> int:
@@ -239,8 +240,10 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     evaluator = Evaluator(run, tokenizer)
     evaluator.measure_reference_start(state, writer)
     ckpt.start_global_streams(resume_from, cfg.train.seed, state.step)  # last: nothing above moves step 1's draws
+    watchdog = Watchdog(out_dir, env.rank, env.world_size, cfg.distributed.hang_timeout_minutes, state.step)
     while state.step < run.steps:
         row = optimizer_step(run, state)
+        watchdog.beat(state.step)
         if l2sp is not None:
             row["l2sp_penalty"] = l2sp.penalty(env)
         check_finite(run, state, ckpt)
@@ -251,7 +254,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
                 row["sample_ids"] = run.sampler.global_ids(state.step - 1).tolist()
             writer.write(row)
         if evaluator.due(state.step):
-            metrics = evaluator.metrics()
+            with watchdog.phase("evaluation"):
+                metrics = evaluator.metrics()
             if writer:
                 writer.write({"step": state.step, **metrics})
                 report_forgetting(state, metrics, run.steps)
@@ -259,10 +263,15 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         stopping = stopping and state.step < run.steps
         if stopping or ((save_by_time or ckpt.due_by_steps(state.step)) and state.step < run.steps):
             state.wandb_id = writer.wandb_id if writer else None
-            ckpt.save(strategy, state)
+            with watchdog.phase("a checkpoint write"):
+                ckpt.save(strategy, state)
         if stopping:
+            watchdog.stop()
             return stopped_early(run, writer, stop, state)
-    return finish(run, writer, state, tokenizer)
+    with watchdog.phase("the final save"):
+        code = finish(run, writer, state, tokenizer)
+    watchdog.stop()
+    return code
 
 
 def finish(run: RunContext, writer: MetricsWriter | None, state: TrainState, tokenizer: Any) -> int:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+from launcher.errors import EXIT_HUNG
 from launcher.world import free_port
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -35,19 +36,23 @@ def _die_with_parent() -> None:
 
 
 def _wait_all(procs: list[subprocess.Popen]) -> list[int]:
-    """Wait for every rank. Once one has failed, the others get FAILED_RANK_GRACE seconds to end on their own
-    (a rank blocked in a collective with a dead peer may never), then are killed."""
-    deadline = None
+    """Wait for every rank; the exit codes of those that ended on their own. Once one has failed, the others
+    get FAILED_RANK_GRACE seconds to end on their own (a rank blocked in a collective with a dead peer may
+    never, a stopped one cannot), then are killed: their -9 is the launcher's doing, not their verdict."""
+    deadline, killed = None, set()
     while any(p.poll() is None for p in procs):
         failed = any(p.returncode not in (None, 0) for p in procs)
         if failed and deadline is None:
-            deadline = time.monotonic() + FAILED_RANK_GRACE
+            hung = any(p.returncode == EXIT_HUNG for p in procs)  # the others are stopped or about to exit too
+            deadline = time.monotonic() + (0 if hung else FAILED_RANK_GRACE)
         if deadline is not None and time.monotonic() > deadline:
-            for p in procs:
+            for i, p in enumerate(procs):
                 if p.poll() is None:
                     p.kill()
+                    killed.add(i)
         time.sleep(0.1)
-    return [p.returncode for p in procs]
+    own = [p.returncode for i, p in enumerate(procs) if i not in killed]
+    return own or [p.returncode for p in procs]
 
 
 def spawn_local_ranks(nproc: int, train_args: list[str], stop_signals: list[str]) -> int:
