@@ -157,13 +157,17 @@ class DataConfig(_Section):
 
 
 class ObjectiveConfig(_Section):
-    kind: Literal["sft", "classification", "dpo"] | None = Field(
+    kind: Literal["sft", "classification", "dpo", "simpo", "orpo"] | None = Field(
         None,
         description="What the loss is: sft (next-token loss, model.task causal_lm), classification (model.task "
-        "sequence_classification), dpo (preference pairs, data.format preference). null: from model.task.",
+        "sequence_classification); on preference pairs (data.format preference): dpo (against a reference), simpo "
+        "or orpo (no reference). null: from model.task.",
     )
     beta: float = Field(
-        0.1, gt=0, description="dpo: strength of the pull toward the reference (TRL's beta; IPO's tau)."
+        0.1,
+        gt=0,
+        description="dpo: strength of the pull toward the reference (TRL's beta; IPO's tau). simpo: scale of the "
+        "length-normalised reward (the SimPO paper uses 2 to 10). orpo: weight of the odds-ratio term (TRL's beta).",
     )
     loss_type: Literal["sigmoid", "ipo", "hinge"] = Field(
         "sigmoid",
@@ -174,12 +178,24 @@ class ObjectiveConfig(_Section):
         0.0,
         ge=0,
         lt=0.5,
-        description="dpo sigmoid: the assumed share of flipped preferences (conservative DPO); 0: plain DPO.",
+        description="dpo sigmoid and simpo: the assumed share of flipped preferences (conservative DPO, as TRL's "
+        "CPOTrainer); 0: plain DPO / SimPO.",
     )
     reference: Literal["auto", "adapter_disabled"] = Field(
         "auto",
         description="dpo: what the policy is compared with. adapter_disabled: the same network with its "
         "adapter switched off (no second model in memory; LoRA, QLoRA, prompt/prefix tuning); auto: that.",
+    )
+    gamma: float = Field(
+        0.5,
+        ge=0,
+        description="simpo: the target reward margin γ between chosen and rejected (TRL's simpo_gamma).",
+    )
+    sft_weight: float = Field(
+        0.0,
+        ge=0,
+        description="simpo: weight of the chosen completions' mean next-token loss added to the SimPO loss (TRL's "
+        "cpo_alpha, whose CPOTrainer default 1.0 gives CPO-SimPO); 0: the SimPO paper's loss.",
     )
 
 

@@ -7,10 +7,10 @@ import math
 import os
 from pathlib import Path
 
-from launcher.config import Config
+from launcher.config import Config, ObjectiveConfig
 from launcher.data.columns import CONVERSATION_FORMATS, column_problems
 from launcher.methods import METHODS, method_for
-from launcher.objectives.traits import chosen_by, format_problem, objective_name, objective_traits
+from launcher.objectives.traits import TRAITS, chosen_by, format_problem, objective_name, objective_traits
 from launcher.run_dir import RunDir
 from launcher.strategies.traits import replicated_strategies, traits
 
@@ -188,6 +188,7 @@ def objective_problems(cfg: Config) -> list[str]:
     p: list[str] = []
     if cfg.model.task not in declared.tasks:
         p.append(f"objective.kind: {why} trains a {' or '.join(declared.tasks)} model, not model.task={cfg.model.task}")
+    p += unread_settings(cfg)
     if not declared.pairs:
         return p
     o = cfg.objective
@@ -201,9 +202,25 @@ def objective_problems(cfg: Config) -> list[str]:
     if o.label_smoothing and o.loss_type != "sigmoid":
         p.append(f"objective.label_smoothing: applies to the sigmoid loss only, not {o.loss_type}")
     if cfg.data.tasks() is not None:
-        p.append("data.train: multi-task mixing is not available with objective.kind dpo yet; give one file")
+        p.append(f"data.train: multi-task mixing is not available with objective.kind {o.kind} yet; give one file")
     if cfg.data.reference:
-        p.append("data.reference: the forgetting measure is not available with objective.kind dpo yet")
+        p.append(f"data.reference: the forgetting measure is not available with objective.kind {o.kind} yet")
     if not cfg.data.mask_prompt:
-        p.append("data.mask_prompt: dpo compares completions only; the prompt never carries loss (set true)")
+        p.append(f"data.mask_prompt: {o.kind} scores completions only; the prompt never carries loss (set true)")
     return p
+
+
+def unread_settings(cfg: Config) -> list[str]:
+    """objective.* settings of another objective given a value (not its default) that this one would ignore. A
+    resolved config.yaml carries every default, so only a value that differs is something the user set."""
+    o = cfg.objective
+    if o is None:
+        return []
+    read = objective_traits(objective_name(cfg)).settings
+    owners = {name: [k for k, t in TRAITS.items() if name in t.settings] for name in ObjectiveConfig.model_fields}
+    return [
+        f"objective.{name}: {getattr(o, name)!r} is not read by {chosen_by(cfg)} (it applies to "
+        f"{', '.join(owners[name])}; {chosen_by(cfg)} reads {', '.join(read) or 'no other setting'})"
+        for name, field in ObjectiveConfig.model_fields.items()
+        if owners[name] and name not in read and getattr(o, name) != field.default
+    ]

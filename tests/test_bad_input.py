@@ -218,6 +218,29 @@ VALIDATE_CASES |= {
     "dpo-fsdp": (_pairs([PAIR], "distributed.strategy=fsdp"), "runs under single or ddp for now"),
     "dpo-loss-type-unknown": (_pairs([PAIR], "objective.loss_type=kto"), "objective.loss_type"),
     "dpo-beta-zero": (_pairs([PAIR], "objective.beta=0"), "objective.beta"),
+    "dpo-gamma": (_pairs([PAIR], "objective.gamma=1.0"), "objective.gamma: 1.0 is not read by objective.kind='dpo'"),
+    "simpo-loss-type": (
+        _pairs([PAIR], "objective.kind=simpo", "objective.loss_type=ipo"),
+        "objective.loss_type: 'ipo' is not read by objective.kind='simpo' (it applies to dpo;",
+    ),
+    "simpo-reference": (
+        _pairs([PAIR], "objective.kind=simpo", "objective.reference=adapter_disabled"),
+        "objective.reference: 'adapter_disabled' is not read by objective.kind='simpo'",
+    ),
+    "orpo-label-smoothing": (
+        _pairs([PAIR], "objective.kind=orpo", "objective.label_smoothing=0.1"),
+        "objective.label_smoothing: 0.1 is not read by objective.kind='orpo' (it applies to dpo, simpo;",
+    ),
+    "orpo-sft-weight": (
+        _pairs([PAIR], "objective.kind=orpo", "objective.sft_weight=1"),
+        "objective.sft_weight: 1.0 is not read by objective.kind='orpo'",
+    ),
+    "sft-beta": (_set("objective.kind=sft", "objective.beta=0.5"), "objective.beta: 0.5 is not read by"),
+    "simpo-gamma-negative": (_pairs([PAIR], "objective.kind=simpo", "objective.gamma=-1"), "objective.gamma"),
+    "orpo-packing": (
+        _pairs([PAIR], "objective.kind=orpo", "data.packing=true"),
+        "data.packing: the objective of objective.kind='orpo'",
+    ),
 }
 
 

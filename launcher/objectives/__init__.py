@@ -18,6 +18,8 @@ IMPLEMENTATIONS = {
     "causal_lm": "launcher.objectives.causal_lm:CausalLM",
     "sequence_classification": "launcher.objectives.classification:SequenceClassification",
     "dpo": "launcher.objectives.dpo:DPO",
+    "simpo": "launcher.objectives.simpo:SimPO",
+    "orpo": "launcher.objectives.orpo:ORPO",
 }
 
 

@@ -20,6 +20,7 @@ class ObjectiveTraits:
     replicated_only: bool = False  # it runs only where every rank holds the whole model (single, DDP) so far
     pairs: bool = False  # it reads preference pairs (a sample is a pair: two completions of one prompt)
     reference: bool = False  # it compares the policy with a reference model (objective.reference)
+    settings: tuple[str, ...] = ()  # the objective.* fields it reads (beyond kind)
 
 
 TRAITS = {
@@ -35,10 +36,35 @@ TRAITS = {
     ),
     # preference pairs: padding-free/packed pairs and the sharded strategies come later (issue 18)
     "dpo": ObjectiveTraits(
-        "dpo", ("preference",), packs=False, head="LM head", replicated_only=True, pairs=True, reference=True
+        "dpo",
+        ("preference",),
+        packs=False,
+        head="LM head",
+        replicated_only=True,
+        pairs=True,
+        reference=True,
+        settings=("beta", "loss_type", "label_smoothing", "reference"),
+    ),
+    "simpo": ObjectiveTraits(
+        "simpo",
+        ("preference",),
+        packs=False,
+        head="LM head",
+        replicated_only=True,
+        pairs=True,
+        settings=("beta", "gamma", "label_smoothing", "sft_weight"),
+    ),
+    "orpo": ObjectiveTraits(
+        "orpo", ("preference",), packs=False, head="LM head", replicated_only=True, pairs=True, settings=("beta",)
     ),
 }
-KINDS = {"sft": "causal_lm", "classification": "sequence_classification", "dpo": "dpo"}  # objective.kind -> name
+KINDS = {  # objective.kind -> name
+    "sft": "causal_lm",
+    "classification": "sequence_classification",
+    "dpo": "dpo",
+    "simpo": "simpo",
+    "orpo": "orpo",
+}
 
 
 def objective_name(cfg: Config) -> str:
