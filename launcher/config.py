@@ -25,7 +25,9 @@ class ModelConfig(_Section):
     task: Literal["causal_lm", "sequence_classification"] = Field(
         "causal_lm", description="causal_lm: next-token loss; sequence_classification: encoder + new head."
     )
-    num_labels: int = Field(2, ge=2, description="Classes, for sequence_classification.")
+    num_labels: int = Field(
+        2, ge=1, description="Classes, for sequence_classification (at least 2); 1: a reward model's one score."
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Dtype the (non-quantised) weights are loaded in."
     )
@@ -157,11 +159,12 @@ class DataConfig(_Section):
 
 
 class ObjectiveConfig(_Section):
-    kind: Literal["sft", "classification", "dpo", "simpo", "orpo"] | None = Field(
+    kind: Literal["sft", "classification", "dpo", "simpo", "orpo", "reward"] | None = Field(
         None,
         description="What the loss is: sft (next-token loss, model.task causal_lm), classification (model.task "
         "sequence_classification); on preference pairs (data.format preference): dpo (against a reference), simpo "
-        "or orpo (no reference). null: from model.task.",
+        "or orpo (no reference), reward (a reward model: Bradley-Terry, model.task sequence_classification, "
+        "num_labels 1). null: from model.task.",
     )
     beta: float = Field(
         0.1,
@@ -196,6 +199,12 @@ class ObjectiveConfig(_Section):
         ge=0,
         description="simpo: weight of the chosen completions' mean next-token loss added to the SimPO loss (TRL's "
         "cpo_alpha, whose CPOTrainer default 1.0 gives CPO-SimPO); 0: the SimPO paper's loss.",
+    )
+    center_rewards_coefficient: float | None = Field(
+        None,
+        ge=0,
+        description="reward: adds this weight times the mean squared sum of each pair's two rewards, pulling "
+        "rewards toward mean zero (TRL's center_rewards_coefficient; 0.01 is the usual value); null: off.",
     )
 
 

@@ -188,7 +188,7 @@ def objective_problems(cfg: Config) -> list[str]:
     p: list[str] = []
     if cfg.model.task not in declared.tasks:
         p.append(f"objective.kind: {why} trains a {' or '.join(declared.tasks)} model, not model.task={cfg.model.task}")
-    p += unread_settings(cfg)
+    p += head_problems(cfg) + unread_settings(cfg)
     if not declared.pairs:
         return p
     o = cfg.objective
@@ -206,7 +206,7 @@ def objective_problems(cfg: Config) -> list[str]:
     if cfg.data.reference:
         p.append(f"data.reference: the forgetting measure is not available with objective.kind {o.kind} yet")
     if not cfg.data.mask_prompt:
-        p.append(f"data.mask_prompt: {o.kind} scores completions only; the prompt never carries loss (set true)")
+        p.append(f"data.mask_prompt: {o.kind} compares completions only; the prompt never carries loss (set true)")
     return p
 
 
@@ -224,3 +224,19 @@ def unread_settings(cfg: Config) -> list[str]:
         for name, field in ObjectiveConfig.model_fields.items()
         if owners[name] and name not in read and getattr(o, name) != field.default
     ]
+
+
+def head_problems(cfg: Config) -> list[str]:
+    """model.num_labels: what the objective's head needs (a reward model one score, a classifier two classes)."""
+    why, declared, n = chosen_by(cfg), objective_traits(objective_name(cfg)), cfg.model.num_labels
+    if declared.num_labels is not None and n != declared.num_labels:
+        return [
+            f"model.num_labels: {why} scores each completion with {declared.num_labels} output; set "
+            f"model.num_labels: {declared.num_labels} (got {n})"
+        ]
+    if declared.num_labels is None and cfg.model.task == "sequence_classification" and n < 2:
+        return [
+            f"model.num_labels: {why} needs at least 2 classes (got {n}); one output is a reward model's "
+            "score: objective.kind: reward, on preference pairs"
+        ]
+    return []

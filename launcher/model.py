@@ -80,7 +80,7 @@ def load_base_model(
     model = cls.from_pretrained(cfg.model.path, **kwargs)
     if quantize and device.type == "cpu":
         own_unquantized_weights(model)
-    set_pad_token_id(model)
+    set_pad_token_id(model, cfg)
     return model
 
 
@@ -102,8 +102,13 @@ def own_unquantized_weights(model: nn.Module) -> None:
                     module._buffers[name] = b.clone()
 
 
-def set_pad_token_id(model: nn.Module) -> None:
-    """Models without a pad id pad with EOS (classification heads need one to find the last token)."""
+def set_pad_token_id(model: nn.Module, cfg: Config) -> None:
+    """A classification (or reward) head takes each row's score at its last token that is not the pad id, so its
+    pad id is the one the collator pads with: the tokenizer's (as TRL's RewardTrainer sets it), whatever the
+    checkpoint's config says. Other models without a pad id pad with EOS."""
+    if cfg.model.task == "sequence_classification":
+        model.config.pad_token_id = model.config.get_text_config().pad_token_id = load_tokenizer(cfg).pad_token_id
+        return
     if getattr(model.config, "pad_token_id", None) is None and hasattr(model.config, "eos_token_id"):
         eos = model.config.eos_token_id
         model.config.pad_token_id = eos[0] if isinstance(eos, list) else eos
@@ -160,5 +165,5 @@ def build_meta_model(cfg: Config) -> nn.Module:
     kwargs: dict[str, Any] = {} if classify else {"attn_implementation": SEGMENT_ATTENTION}
     with torch.device("meta"):
         model = cls.from_config(hf_config, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
-    set_pad_token_id(model)
+    set_pad_token_id(model, cfg)
     return attach_method(model, cfg)

@@ -125,7 +125,7 @@ VALIDATE_CASES: dict[str, tuple[Setup, str]] = {
     "model-path-without-config": (_model_dir_without_config, "has no config.json"),
     "model-path-hub-offline": (_set("model.path=someorg/somemodel"), "the hub is offline"),
     "tokenizer-missing": (_set("model.tokenizer=/nonexistent/tok"), "model.tokenizer"),
-    "num-labels-one": (_set("model.num_labels=1"), "model.num_labels"),
+    "num-labels-zero": (_set("model.num_labels=0"), "model.num_labels"),
     "model-dtype-unknown": (_set("model.dtype=float8"), "model.dtype"),
     "lora-rank-zero": (_set("method.lora.r=0"), "method.lora.r"),
     "lora-dropout-one": (_set("method.lora.dropout=1.0"), "method.lora.dropout"),
@@ -240,6 +240,66 @@ VALIDATE_CASES |= {
     "orpo-packing": (
         _pairs([PAIR], "objective.kind=orpo", "data.packing=true"),
         "data.packing: the objective of objective.kind='orpo'",
+    ),
+    "dpo-reward-setting": (
+        _pairs([PAIR], "objective.center_rewards_coefficient=0.01"),
+        "objective.center_rewards_coefficient: 0.01 is not read by objective.kind='dpo'",
+    ),
+}
+REWARD = ["objective.kind=reward", "model.task=sequence_classification", "model.num_labels=1"]
+
+
+def _reward(rows: list[object], *overrides: str) -> Setup:
+    return lambda d: [*_rows(rows, "preference")(d), *REWARD, *overrides]
+
+
+VALIDATE_CASES |= {
+    "classification-num-labels-one": (
+        lambda d: [*_rows([{"text": "w1", "label": 0}])(d), *CLS, "model.num_labels=1"],
+        "model.num_labels: model.task='sequence_classification' needs at least 2 classes (got 1); one output is a "
+        "reward model's score: objective.kind: reward",
+    ),
+    "reward-num-labels-two": (
+        _reward([PAIR], "model.num_labels=2"),
+        "model.num_labels: objective.kind='reward' scores each completion with 1 output; set model.num_labels: 1",
+    ),
+    "reward-causal-lm-model": (
+        _reward([PAIR], "model.task=causal_lm"),
+        "objective.kind: objective.kind='reward' trains a sequence_classification model, not model.task=causal_lm",
+    ),
+    "reward-on-completion-rows": (
+        lambda d: [*_rows([OK])(d), *REWARD],
+        "data.format: 'completion' does not fit objective.kind='reward': its objective reads preference rows",
+    ),
+    "reward-on-classification-rows": (
+        lambda d: [*_rows([{"text": "w1", "label": 0}], "classification")(d), *REWARD],
+        "data.format: 'classification' does not fit objective.kind='reward'",
+    ),
+    "reward-dpo-setting": (
+        _reward([PAIR], "objective.beta=0.5"),
+        "objective.beta: 0.5 is not read by objective.kind='reward'",
+    ),
+    "sft-dpo-setting": (
+        _set("objective.kind=sft", "objective.loss_type=ipo"),
+        "objective.loss_type: 'ipo' is not read by",
+    ),
+    "pair-rows-on-a-classifier": (
+        lambda d: [*_rows([PAIR], "preference")(d), "model.task=sequence_classification"],
+        "preference rows train objective.kind: dpo or simpo or orpo or reward",
+    ),
+    "reward-center-negative": (_reward([PAIR], "objective.center_rewards_coefficient=-1"), "center_rewards"),
+    "reward-packing": (_reward([PAIR], "data.packing=true"), "data.packing: the objective of objective.kind='reward'"),
+    "reward-fsdp": (_reward([PAIR], "distributed.strategy=fsdp"), "runs under single or ddp for now"),
+    "reward-mask-prompt-off": (_reward([PAIR], "data.mask_prompt=false"), "data.mask_prompt: reward"),
+    "reward-margin-not-a-number": (_reward([PAIR, {**PAIR, "margin": "big"}]), "line 2: 'margin' must be a number"),
+    "reward-margin-on-some-rows": (
+        _reward([{**PAIR, "margin": 1.0}, PAIR]),
+        "line 2: no 'margin', while other rows of the file give one",
+    ),
+    "dpo-margin-column": (
+        _pairs([{**PAIR, "margin": 1.0}]),
+        "data.train: the rows give a per-pair 'margin', which objective.kind='dpo' does not read (objective.kind "
+        "reward does)",
     ),
 }
 

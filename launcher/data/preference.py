@@ -37,10 +37,12 @@ def pair_segments(row: dict, side: str, tokenizer: Any) -> list[Segment]:
 
 
 def tokenize_pairs(rows: list[dict], tokenizer: Any, max_len: int) -> Samples:
-    """Both sides of every pair, labels on the completion only. A pair whose chosen or rejected completion is cut
-    away entirely by `max_len` is dropped (and counted in `dropped`)."""
+    """Both sides of every pair, labels on the completion only, and each pair's `margin` where the rows give one.
+    A pair whose chosen or rejected completion is cut away entirely by `max_len` is dropped (and counted in
+    `dropped`)."""
     prefix = leading_special_ids(tokenizer)
     sides: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {s: ([], []) for s in SIDES}
+    margins: list[float] = []
     dropped = 0
     for row in rows:
         start = [] if isinstance(row["prompt"], list) else prefix  # a chat template writes its own leading tokens
@@ -51,15 +53,17 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, max_len: int) -> Samples:
         for side, e in zip(SIDES, encoded, strict=True):
             sides[side][0].append(np.asarray(e["input_ids"], dtype=np.int64))
             sides[side][1].append(np.asarray(e["labels"], dtype=np.int64))
+        margins.append(float(row.get("margin") or 0.0))
     rejected = Samples(input_ids=sides["rejected"][0], labels=sides["rejected"][1])
-    return Samples(input_ids=sides["chosen"][0], labels=sides["chosen"][1], dropped=dropped, rejected=rejected)
+    given = np.asarray(margins, dtype=np.float64) if any(r.get("margin") is not None for r in rows) else None
+    return Samples(sides["chosen"][0], sides["chosen"][1], dropped=dropped, rejected=rejected, margins=given)
 
 
 @dataclass(frozen=True)
 class PairCollator:
     """Pair ids to one padded batch: the chosen rows of the pairs, then their rejected rows in the same order
-    (row k and row n+k are pair k), as TRL lays a DPO batch out. Rows are never joined: padding-free pairs come
-    later."""
+    (row k and row n+k are pair k), as TRL lays a DPO batch out, and `margin` (one per pair) where the split has
+    margins. Rows are never joined: padding-free pairs come later."""
 
     pad_id: int
 
@@ -70,4 +74,7 @@ class PairCollator:
             input_ids=[samples.input_ids[i] for i in ids] + [rejected.input_ids[i] for i in ids],
             labels=[samples.labels[i] for i in ids] + [rejected.labels[i] for i in ids],
         )
-        return collate(rows, list(range(2 * len(ids))), self.pad_id)
+        batch = collate(rows, list(range(2 * len(ids))), self.pad_id)
+        if samples.margins is not None:
+            batch["margin"] = torch.from_numpy(samples.margins[ids]).float()
+        return batch

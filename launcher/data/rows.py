@@ -126,7 +126,7 @@ def check_rows(rows: list[Row], fmt: str, path: str, field: str, num_labels: int
         if len(problems) >= 20:
             problems.append("... (stopping after 20 problems)")
             break
-    return problems
+    return problems + (check_margins(rows, path, field) if fmt == "preference" and len(problems) < 20 else [])
 
 
 TEXT_FIELDS = {"alpaca": ("instruction", "input", "output"), "completion": ("prompt", "completion")}
@@ -170,7 +170,21 @@ def check_pair(row: Row, where: str) -> list[str]:
             problems.append(f"{where}: '{side}' is an empty completion")
     if not problems and row["chosen"] == row["rejected"]:
         problems.append(f"{where}: 'chosen' equals 'rejected': the pair prefers nothing")
+    margin = row.get("margin")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, int | float) or margin != margin):
+        problems.append(f"{where}: 'margin' must be a number (how far chosen should score above rejected)")
     return problems
+
+
+def check_margins(rows: list[Row], path: str, field: str) -> list[str]:
+    """A preference file gives every pair a `margin` or none (TRL reads it as a column)."""
+    given = [row.get("margin") is not None for row in rows]
+    if not any(given) or all(given):
+        return []
+    i = given.index(False)
+    return [
+        f"{field}: {_where(path, rows[i], i)}: no 'margin', while other rows of the file give one (give all or none)"
+    ]
 
 
 def _check_messages(messages: Any, where: str, key: str = "messages", needs_assistant: bool = True) -> list[str]:

@@ -35,6 +35,7 @@ class Samples:
     tasks: np.ndarray | None = None  # multi-task: each sample's task index
     # preference pairs: the rejected completions (sample i is pair i: the arrays above hold its chosen side)
     rejected: Samples | None = None
+    margins: np.ndarray | None = None  # preference pairs with a `margin` column: each pair's (float64)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -130,6 +131,8 @@ def save_samples(samples: Samples, path: Path) -> None:
     if samples.rejected is not None:
         arrays["rejected_ids"], arrays["rejected_offsets"] = _flat(samples.rejected.input_ids)
         arrays["rejected_labels"], _ = _flat(samples.rejected.labels)
+    if samples.margins is not None:
+        arrays["margins"] = samples.margins
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
@@ -150,6 +153,7 @@ def load_samples(path: Path) -> Samples:
             class_labels=z["class_labels"] if "class_labels" in z else None,
             dropped=int(z["dropped"]),
             rejected=rejected,
+            margins=z["margins"] if "margins" in z else None,
         )
 
 

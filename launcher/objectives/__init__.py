@@ -20,6 +20,7 @@ IMPLEMENTATIONS = {
     "dpo": "launcher.objectives.dpo:DPO",
     "simpo": "launcher.objectives.simpo:SimPO",
     "orpo": "launcher.objectives.orpo:ORPO",
+    "reward": "launcher.objectives.reward:Reward",
 }
 
 

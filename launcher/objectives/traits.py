@@ -21,6 +21,8 @@ class ObjectiveTraits:
     pairs: bool = False  # it reads preference pairs (a sample is a pair: two completions of one prompt)
     reference: bool = False  # it compares the policy with a reference model (objective.reference)
     settings: tuple[str, ...] = ()  # the objective.* fields it reads (beyond kind)
+    num_labels: int | None = None  # the outputs its head must have (model.num_labels), where it fixes them
+    margins: bool = False  # it reads preference rows' optional per-pair `margin`
 
 
 TRAITS = {
@@ -33,6 +35,7 @@ TRAITS = {
         packs=False,
         head="classification head",
         tasks=("sequence_classification",),
+        settings=(),
     ),
     # preference pairs: padding-free/packed pairs and the sharded strategies come later (issue 18)
     "dpo": ObjectiveTraits(
@@ -57,6 +60,18 @@ TRAITS = {
     "orpo": ObjectiveTraits(
         "orpo", ("preference",), packs=False, head="LM head", replicated_only=True, pairs=True, settings=("beta",)
     ),
+    "reward": ObjectiveTraits(
+        "reward",
+        ("preference",),
+        packs=False,
+        head="one-output score head",
+        tasks=("sequence_classification",),
+        replicated_only=True,
+        pairs=True,
+        num_labels=1,
+        settings=("center_rewards_coefficient",),
+        margins=True,
+    ),
 }
 KINDS = {  # objective.kind -> name
     "sft": "causal_lm",
@@ -64,6 +79,7 @@ KINDS = {  # objective.kind -> name
     "dpo": "dpo",
     "simpo": "simpo",
     "orpo": "orpo",
+    "reward": "reward",
 }
 
 
@@ -90,7 +106,7 @@ def format_problem(fmt: str, cfg: Config, where: str) -> str | None:
     if fmt in declared.formats:
         return None
     readers = [k for k, name in KINDS.items() if fmt in TRAITS[name].formats]
-    hint = f"; {fmt} rows train objective.kind: {readers[0]}" if readers else ""
+    hint = f"; {fmt} rows train objective.kind: {' or '.join(readers)}" if readers else ""
     return (
         f"{where}: '{fmt}' does not fit {chosen_by(cfg)}: its objective reads {', '.join(declared.formats)} rows "
         f"(one run trains one head, here the {declared.head}){hint}"
