@@ -33,6 +33,13 @@ class ModelConfig(_Section):
     )
     trust_remote_code: bool = Field(False, description="Allow model code from the model directory.")
     tokenizer: str | None = Field(None, description="Tokenizer directory or id; defaults to model.path.")
+    adapter: str | None = Field(
+        None,
+        description="Start from a trained LoRA/QLoRA adapter: a run's OUTPUT_DIR/final or an `ftl export` of it "
+        "(a PEFT adapter directory, trained on model.path with the same method.lora r and alpha). Its weights "
+        "are the starting point; a preference objective's reference is then that adapter's model, never the bare "
+        "base. null: a new adapter.",
+    )
 
 
 class LoraSettings(_Section):

@@ -43,6 +43,7 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
             f"checkpoint.stop_signals: {', '.join(uncatchable)} cannot be caught, so it cannot mean 'save and stop'"
         )
     p += model_path_problems(cfg)
+    p += start_adapter_problems(cfg)
     p += transfer_problems(cfg)
     p += task_problems(cfg)
     p += row_shape_problems(cfg)
@@ -69,6 +70,27 @@ def model_path_problems(cfg: Config) -> list[str]:
             p.append(f"{field}: no such directory: {value} (and it is not a hub id of the form org/name)")
         elif not path.exists() and offline:
             p.append(f"{field}: {value} is not a local directory, and the hub is offline (HF_HUB_OFFLINE)")
+    return p
+
+
+def start_adapter_problems(cfg: Config) -> list[str]:
+    """model.adapter: a method that starts from a trained adapter, an adapter it can start from, and a reference
+    that is the model it gives (never the bare base)."""
+    if cfg.model.adapter is None:
+        return []
+    method = method_for(cfg)
+    if not method.starts_from_adapter:
+        able = " or ".join(name for name, m in METHODS.items() if m.starts_from_adapter)
+        return [
+            f"model.adapter: method.kind {cfg.method.kind} cannot start from a trained adapter; use {able} "
+            "(a fully fine-tuned model is a model: give its final/ as model.path)"
+        ]
+    p = method.start_problems(cfg)
+    if objective_traits(objective_name(cfg)).reference and cfg.objective.reference == "adapter_disabled":
+        p.append(
+            "objective.reference: adapter_disabled would compare with the bare base model, not the model "
+            "model.adapter starts from; leave it auto (the frozen starting adapter is the reference)"
+        )
     return p
 
 

@@ -103,6 +103,7 @@ def parameter_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
     trainable = adapters if adapted else linear + other - frozen_by_config(cfg, shape, block)
     grad_bytes = 4 if adapted else dtype
     weights += adapters * 4 if adapted else 0
+    weights += method.frozen_added_elements(cfg, shape) * 4  # a frozen adapter copy (model.adapter): fp32
     return {
         "weights": weights,
         "trainable": trainable,

@@ -47,6 +47,7 @@ class Method:
     exports_with_base: bool = False  # `ftl export` writes the base weights beside final/'s files
     # what it added can be switched off, giving back the network it started from (a preference reference)
     switches_off: bool = False
+    starts_from_adapter: bool = False  # model.adapter: it can start from an adapter it trained earlier
 
     @property
     def final_holds_frozen(self) -> bool:
@@ -66,9 +67,10 @@ class Method:
         """Move the built model to the run's device."""
         return model.to(device)
 
-    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """While active, `model` (as the method built it) computes without what the method added."""
-        raise NotImplementedError(f"method {self.name} cannot switch off what it trained")
+    def reference_view(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """While active, `model` (as the method built it) computes as the network the run started from, without
+        what this run trained: a preference objective's reference (call it without gradients)."""
+        raise NotImplementedError(f"method {self.name} cannot compute without what it trained")
 
     # --- saving, loading, export ---------------------------------------------------------------------
     def checkpoint_parameters(self, model: nn.Module) -> list[tuple[str, nn.Parameter]]:
@@ -117,6 +119,10 @@ class Method:
         """Bytes of one block's `block` linear-layer elements, as a sharding strategy gathers them."""
         return block * DTYPE_BYTES[cfg.model.dtype]
 
+    def frozen_added_elements(self, cfg: Config, shape: ModelShape) -> int:
+        """Elements of added tensors that stay frozen (fp32): a copy of the adapter the run started from."""
+        return 0
+
     def activation_elements(self, cfg: Config, shape: ModelShape) -> int:
         """Elements per token and layer the method's added layers keep for backward."""
         return 0
@@ -144,6 +150,10 @@ class Method:
                 "L2-SP needs method.kind full"
             )
         return p
+
+    def start_problems(self, cfg: Config) -> list[str]:
+        """What is wrong with model.adapter as this method's starting point (`starts_from_adapter` only)."""
+        return []
 
     def raw_problems(self, raw_method: dict[str, Any]) -> list[str]:
         """What this method refuses in the `method` section as written, before defaults fill it in."""

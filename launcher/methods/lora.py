@@ -9,6 +9,13 @@ from typing import TYPE_CHECKING, Any
 from launcher.config import Config
 from launcher.errors import ConfigError
 from launcher.methods.base import Method, ModelShape
+from launcher.methods.lora_start import (
+    TRAINED,
+    has_reference_adapter,
+    reference_adapter_active,
+    start_from_adapter,
+    start_problems,
+)
 
 if TYPE_CHECKING:  # torch-free at import: `ftl estimate` and `ftl validate` ask methods
     from torch import nn
@@ -47,12 +54,14 @@ class LoRA(Method):
     name = "lora"
     adapters = True
     switches_off = True
+    starts_from_adapter = True
     merges = True
     needs_input_grads = True
 
-    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """PEFT's own switch: the base network without the adapter."""
-        return model.disable_adapter()
+    def reference_view(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """The frozen copy of model.adapter when the run started from one, else PEFT's own switch: the base
+        network without the adapter."""
+        return reference_adapter_active(model) if has_reference_adapter(model) else model.disable_adapter()
 
     def attach(self, model: nn.Module, cfg: Config) -> nn.Module:
         """PEFT's LoRA on the targets (seeded), the adapters cast to fp32 whatever the base dtype."""
@@ -64,10 +73,21 @@ class LoRA(Method):
             model = get_peft_model(model, lora_config(cfg))
         except ValueError as err:  # peft: a target module that the model does not have
             raise ConfigError([f"method.lora.target_modules: {err}"]) from None
+        if cfg.model.adapter:
+            model = start_from_adapter(model, cfg)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # adapters train in fp32 whatever the base dtype
         return model
+
+    def save_final(self, cfg: Config, model: nn.Module, directory: Path, state: dict | None = None) -> None:
+        """The trained adapter only, as PEFT stores it (never the frozen copy of model.adapter)."""
+        extra = {} if state is None else {"state_dict": state}
+        model.save_pretrained(directory, safe_serialization=True, selected_adapters=[TRAINED], **extra)
+
+    def start_problems(self, cfg: Config) -> list[str]:
+        """model.adapter: a LoRA adapter directory of this base model, rank and scale."""
+        return start_problems(cfg)
 
     def merge(self, cfg: Config, base: nn.Module, directory: Path) -> nn.Module:
         """PEFT's merge_and_unload on the base the adapter was trained against."""
@@ -76,6 +96,10 @@ class LoRA(Method):
     def added_elements(self, cfg: Config, shape: ModelShape) -> int:
         """r × (in + out) per adapted linear layer."""
         return shape.layers * cfg.method.lora.r * sum(i + o for i, o in lora_targets(cfg, shape))
+
+    def frozen_added_elements(self, cfg: Config, shape: ModelShape) -> int:
+        """With model.adapter, a frozen copy of the adapter (the run's starting point)."""
+        return self.added_elements(cfg, shape) if cfg.model.adapter else 0
 
     def activation_elements(self, cfg: Config, shape: ModelShape) -> int:
         """The rank-r intermediate per target, and the dropped-out copy of each adapted input."""

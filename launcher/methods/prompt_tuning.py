@@ -30,8 +30,8 @@ class VirtualTokens(Method):
         """PEFT's config for this method's settings."""
         raise NotImplementedError
 
-    def switched_off(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """PEFT's own switch: the base network without the adapter."""
+    def reference_view(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """PEFT's own switch: the base network without the virtual tokens."""
         return model.disable_adapter()
 
     def attach(self, model: nn.Module, cfg: Config) -> nn.Module:
