@@ -16,12 +16,13 @@ from launcher.rng import untouched_global_streams
 from launcher.run_dir import EXIT_RECORD, METRICS_FILE, WANDB_ID_FILE, RunDir, read_rows
 
 
-def record_exit(out_dir: Path, code: int, step: int, reason: str | None) -> None:
+def record_exit(out_dir: Path, code: int, step: int, reason: str | None, **details: Any) -> None:
     """Write OUTPUT_DIR/last_exit.json. A SLURM job script reads it: torchrun and srun report a rank's exit 3
     as a failure of their own, so the launcher's exit code cannot tell a graceful stop from a crash."""
     tmp = out_dir / f".{EXIT_RECORD}.tmp"
     record = {"exit_code": code, "step": step, "reason": reason, "time": time.time()}
     record["attempt"] = os.environ.get("FTL_ATTEMPT_ID")  # set by the SLURM job script, which checks it
+    record.update(details)  # e.g. hung_hosts: the nodes a SLURM job resubmits itself without
     tmp.write_text(json.dumps(record) + "\n")
     tmp.replace(out_dir / EXIT_RECORD)
 

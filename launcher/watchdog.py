@@ -86,7 +86,7 @@ class Watchdog:
                 self._end(waited)
 
     def _write_heartbeat(self) -> None:
-        beat = {"rank": self.rank, "host": socket.gethostname(), "pid": os.getpid(), "step": self.step}
+        beat = {"rank": self.rank, "host": host_name(), "pid": os.getpid(), "step": self.step}
         beat["time"] = time.time()
         path = self.dir / f"rank{self.rank}.json"
         tmp = path.with_suffix(".tmp")
@@ -105,9 +105,15 @@ class Watchdog:
         reason = f"hung at step {self.step + 1}{where}: " + ("; ".join(c[1] for c in culprits) or "no rank named")
         log(reason)
         if live and self.rank == min(live):
-            record_exit(self.out_dir, EXIT_HUNG, self.step, reason)
+            hosts = sorted({beats[r]["host"] for r, _ in culprits if beats.get(r)})
+            record_exit(self.out_dir, EXIT_HUNG, self.step, reason, hung_hosts=hosts)
         sys.stderr.flush()
         os._exit(EXIT_HUNG)  # the main thread is stuck in a collective: no clean way out of it
+
+
+def host_name() -> str:
+    """The node as the scheduler knows it (SLURM's node name: what --exclude takes), else the host name."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
 
 
 def read_heartbeats(directory: Path, world_size: int) -> dict[int, dict | None]:

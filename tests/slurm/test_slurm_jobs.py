@@ -4,6 +4,7 @@ no scontrol inside the job). Tiny LoRA model, 12 steps, gloo."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -174,3 +175,32 @@ def test_without_scontrol_the_job_says_it_cannot_requeue(cfg: Path, tmp_path: Pa
     log = job_log(run, job)
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "3:0" and fields["Restarts"] == "0", log
     assert "could not requeue itself: scontrol is not available" in log and "stopped early at step 5" in log
+
+
+def test_a_hung_rank_resubmits_the_job_without_its_node(straight: Path, cfg: Path) -> None:
+    """A 1-node job (2 ranks) on the 2-node cluster; rank 1 stopped (SIGSTOP) after step 3: the live rank names
+    it and its node and exits 5 (hung); the job resubmits itself with --exclude=that node; the new job runs on
+    the other node, resumes and finishes the same run as the uninterrupted one."""
+    run = cfg.parent / "hung"
+    job = submit(cfg, run, "distributed.hang_timeout_minutes=0.25", "--nodes", "1", "--ntasks-per-node", "2")
+    logged = lambda: (run / "metrics.jsonl").exists() and any(r.get("step") == 3 for r in read_metrics(run))  # noqa: E731
+    wait_until(logged, "step 3", run, job)
+    pattern = f"^{sys.executable} -m launcher train .*output_dir={run}"
+    ranks = subprocess.run(["pgrep", "-f", pattern], capture_output=True, text=True).stdout.split()
+    environ = {p: Path(f"/proc/{p}/environ").read_bytes().split(b"\0") for p in ranks}
+    rank1 = [p for p, env in environ.items() if b"SLURM_PROCID=1" in env]
+    assert len(ranks) == 2 and len(rank1) == 1, ranks
+    node = next(v for v in environ[rank1[0]] if v.startswith(b"SLURMD_NODENAME=")).split(b"=")[1].decode()
+    os.kill(int(rank1[0]), signal.SIGSTOP)
+    fields = wait_final(run, job)
+    log = job_log(run, job)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "5:0", log
+    again = json.loads((run / "slurm" / "jobs.jsonl").read_text().splitlines()[-1])
+    assert again["excluded"] == node and again["after"] == job
+    assert f"rank 1 (host {node}, pid {rank1[0]}) not running" in log, log[-3000:]
+    assert f"resubmitted as job {again['job_id']} excluding node(s) {node}" in log, log[-3000:]
+    fields = wait_final(run, again["job_id"])
+    log = job_log(run, again["job_id"])
+    assert fields["JobState"] == "COMPLETED" and fields["NodeList"] not in (node, "(null)"), log[-3000:]
+    assert "at step 2" in log or "at step 4" in log, log[-3000:]
+    _assert_same_run(run, straight)
