@@ -224,6 +224,7 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
         return EXIT_OK
     model = strategy.build_model()
     strategy.setup(model, optimizer_factory(cfg.train, model))
+    run.objective.use_forward_only(strategy.forward_only_model)
     l2sp = make_l2sp(strategy, cfg.train.l2sp.weight)
     ckpt = CheckpointManager(cfg, env, strategy.name)  # (the L2-SP anchor is taken before any checkpoint loads)
     resume_from = ckpt.resume_path()

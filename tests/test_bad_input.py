@@ -215,7 +215,6 @@ VALIDATE_CASES |= {
     "dpo-full-finetuning": (_pairs([PAIR], "method.kind=full"), "objective.reference: auto"),
     "dpo-classification-model": (_pairs([PAIR], "model.task=sequence_classification"), "objective.kind: "),
     "dpo-packing": (_pairs([PAIR], "data.packing=true"), "data.packing: the objective of objective.kind='dpo'"),
-    "dpo-fsdp": (_pairs([PAIR], "distributed.strategy=fsdp"), "runs under single or ddp for now"),
     "dpo-loss-type-unknown": (_pairs([PAIR], "objective.loss_type=kto"), "objective.loss_type"),
     "dpo-beta-zero": (_pairs([PAIR], "objective.beta=0"), "objective.beta"),
     "dpo-gamma": (_pairs([PAIR], "objective.gamma=1.0"), "objective.gamma: 1.0 is not read by objective.kind='dpo'"),

@@ -40,6 +40,14 @@ class Objective(ABC):
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        # what a forward without backward calls (None: the model `loss_sum` is given); see `use_forward_only`
+        self.forward_only: nn.Module | None = None
+
+    def use_forward_only(self, module: nn.Module) -> None:
+        """Once the strategy has wrapped the model: the module to call for a forward that no backward follows
+        (the strategy's `forward_only_model`). An objective that scores a batch a second time without gradients
+        (a preference reference) calls it, not the wrapper `loss_sum` is given."""
+        self.forward_only = module
 
     @property
     def traits(self) -> ObjectiveTraits:

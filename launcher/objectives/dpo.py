@@ -68,11 +68,11 @@ class DPO(Objective):
         return int(batch["input_ids"].shape[0]) // 2
 
     def reference_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The reference's per-row log-probs: the network the run started from (the method's view), no graph."""
-        # a DDP wrapper's module is called directly: a no-grad forward needs no gradient hooks
-        inner = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-        with torch.no_grad(), method_for(self.cfg).reference_view(inner):
-            return sequence_logps(inner, batch)[0]
+        """The reference's per-row log-probs: the network the run started from (the method's view), no graph;
+        through the strategy's module for a forward without backward (`use_forward_only`; else `model` itself)."""
+        network = self.forward_only if self.forward_only is not None else model
+        with torch.no_grad(), method_for(self.cfg).reference_view(network):
+            return sequence_logps(network, batch)[0]
 
     def loss_sum(self, model: nn.Module, batch: Batch, per_task: TaskLosses | None = None) -> LossSum:
         """Σ over the batch's pairs of the DPO loss, and the sums behind TRL's reward and log-prob metrics."""

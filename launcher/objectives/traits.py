@@ -37,13 +37,12 @@ TRAITS = {
         tasks=("sequence_classification",),
         settings=(),
     ),
-    # preference pairs: padding-free/packed pairs and the sharded strategies come later (issue 18)
+    # preference pairs (issue 18); reward models run under single/DDP so far
     "dpo": ObjectiveTraits(
         "dpo",
         ("preference",),
         packs=False,
         head="LM head",
-        replicated_only=True,
         pairs=True,
         reference=True,
         settings=("beta", "loss_type", "label_smoothing", "reference"),
@@ -53,13 +52,10 @@ TRAITS = {
         ("preference",),
         packs=False,
         head="LM head",
-        replicated_only=True,
         pairs=True,
         settings=("beta", "gamma", "label_smoothing", "sft_weight"),
     ),
-    "orpo": ObjectiveTraits(
-        "orpo", ("preference",), packs=False, head="LM head", replicated_only=True, pairs=True, settings=("beta",)
-    ),
+    "orpo": ObjectiveTraits("orpo", ("preference",), packs=False, head="LM head", pairs=True, settings=("beta",)),
     "reward": ObjectiveTraits(
         "reward",
         ("preference",),

@@ -49,6 +49,17 @@ class Strategy(ABC):
     def unwrapped(self) -> nn.Module:
         """The model without the strategy's wrapper (PEFT wrappers stay)."""
 
+    @property
+    def forward_only_model(self) -> nn.Module:
+        """The module to call for a forward that no backward follows (a preference objective's reference pass).
+
+        It is the model without the wrapper (`unwrapped`): a wrapper's forward only prepares backward (DDP's
+        reducer and buffer broadcast, the DeepSpeed engine's gradient hooks), while what gathers sharded weights
+        lives on the module itself (FSDP2's `fully_shard` hooks on the model and each block, ZeRO-3's parameter
+        hooks on engine.module): each block's weights are gathered for its forward and freed after it, as in a
+        training forward."""
+        return self.unwrapped
+
     @abstractmethod
     def autocast(self) -> contextlib.AbstractContextManager:
         """Mixed-precision context for forward passes (fp32: none)."""

@@ -39,9 +39,9 @@ MATRIX: dict[str, tuple[dict[str, Any], int, int]] = {
 
 
 # ----------------------------------------------------------------------------------------- launching
-def _launch(nproc: int, logs: Path, *jobs: str, timeout: int = 900) -> None:
+def _launch(nproc: int, logs: Path, *jobs: str, timeout: int = 900, driver: Path = THIS) -> None:
     """Run this file as the driver on nproc ranks (a plain process when 1) over `jobs` (train=CFG, save=CFG,
-    resume=CFG, in order); fail with the logs' tails."""
+    resume=CFG, in order; another `driver` script takes its own jobs); fail with the logs' tails."""
     logs.mkdir(parents=True, exist_ok=True)
     port, procs, files = str(free_port()), [], []
     for rank in range(nproc):
@@ -52,7 +52,7 @@ def _launch(nproc: int, logs: Path, *jobs: str, timeout: int = 900) -> None:
             env["MASTER_PORT"] = port
         out = (logs / f"world{nproc}-rank{rank}.log").open("w")
         files.append(out)
-        cmd = [sys.executable, str(THIS), *jobs]
+        cmd = [sys.executable, str(driver), *jobs]
         procs.append(subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
     try:
         codes = [p.wait(timeout=timeout) for p in procs]
