@@ -191,10 +191,14 @@ class ObjectiveConfig(_Section):
         description="dpo sigmoid and simpo: the assumed share of flipped preferences (conservative DPO, as TRL's "
         "CPOTrainer); 0: plain DPO / SimPO.",
     )
-    reference: Literal["auto", "adapter_disabled"] = Field(
+    reference: Literal["auto", "adapter_disabled", "model", "precomputed"] = Field(
         "auto",
         description="dpo: what the policy is compared with. adapter_disabled: the same network with its "
-        "adapter switched off (no second model in memory; LoRA, QLoRA, prompt/prefix tuning); auto: that.",
+        "adapter switched off (no second model in memory; LoRA, QLoRA, prompt/prefix tuning); model: a frozen "
+        "copy of the starting model beside the policy (full fine-tuning; single or ddp); precomputed: the "
+        "starting model's log-probs of every pair, computed once in a pass before training and cached beside "
+        "the tokenised data (no reference model while training; reused by later runs and on resume); auto: "
+        "adapter_disabled with an adapter, else model when `ftl estimate` says the copy fits, else precomputed.",
     )
     gamma: float = Field(
         0.5,

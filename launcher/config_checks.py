@@ -108,6 +108,14 @@ def strategy_problems(cfg: Config, strategy: str, cuda: bool) -> list[str]:
             f"distributed.strategy: {chosen_by(cfg)} runs under {' or '.join(replicated_strategies())} for now "
             f"(not {strategy}; the sharded strategies come later)"
         )
+    o = cfg.objective
+    copies = o is not None and o.reference == "model" and objective_traits(objective_name(cfg)).reference
+    if declared and not declared.replicated and copies:
+        p.append(
+            f"objective.reference: model holds an unsharded frozen copy, which runs under "
+            f"{' or '.join(replicated_strategies())}, not distributed.strategy {strategy}; use "
+            "objective.reference: precomputed (or auto)"
+        )
     foreign = foreign_pickled_resume(cfg, strategy)
     if foreign:
         p.append(foreign)
@@ -214,13 +222,7 @@ def objective_problems(cfg: Config) -> list[str]:
     if not declared.pairs:
         return p
     o = cfg.objective
-    if declared.reference and not method_for(cfg).switches_off:
-        switchable = [name for name, method in METHODS.items() if method.switches_off]
-        p.append(
-            f"objective.reference: {o.reference} (for now always the network with its adapter switched off) needs "
-            f"a PEFT adapter, and method.kind {cfg.method.kind} has none; use {' or '.join(switchable)} (a reference "
-            "model or precomputed reference log-probs for full fine-tuning come later)"
-        )
+    p += reference_problems(cfg) if declared.reference else []
     if o.label_smoothing and o.loss_type != "sigmoid":
         p.append(f"objective.label_smoothing: applies to the sigmoid loss only, not {o.loss_type}")
     if cfg.data.tasks() is not None:
@@ -260,5 +262,23 @@ def head_problems(cfg: Config) -> list[str]:
         return [
             f"model.num_labels: {why} needs at least 2 classes (got {n}); one output is a reward model's "
             "score: objective.kind: reward, on preference pairs"
+        ]
+    return []
+
+
+def reference_problems(cfg: Config) -> list[str]:
+    """objective.reference: a switched-off adapter needs an adapter; a copy of a model that has one is waste."""
+    reference, method = cfg.objective.reference, method_for(cfg)
+    if reference == "adapter_disabled" and not method.switches_off:
+        switchable = [name for name, m in METHODS.items() if m.switches_off]
+        return [
+            f"objective.reference: adapter_disabled needs a method that switches its adapter off "
+            f"({', '.join(switchable)}), and method.kind {cfg.method.kind} has none; use objective.reference: "
+            "model (a frozen copy), precomputed (log-probs computed once before training) or auto"
+        ]
+    if reference == "model" and method.switches_off:
+        return [
+            f"objective.reference: model would copy the whole network, but with method.kind {cfg.method.kind} the "
+            "reference is the same network with its adapter switched off; use adapter_disabled (or auto)"
         ]
     return []

@@ -106,6 +106,15 @@ def all_lists(items: list[str], env: DistEnv) -> list[str]:
     return [item for part in gathered for item in part or []]
 
 
+def all_reduce_tensor(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
+    """Σ of a CPU tensor across ranks, back on the CPU (the tensor itself in one process)."""
+    if not env.distributed:
+        return t
+    x = t.to(env.device) if env.device.type == "cuda" else t.clone()
+    dist.all_reduce(x)
+    return x.cpu()
+
+
 def shutdown(env: DistEnv) -> None:
     if env.distributed and dist.is_initialized():
         dist.destroy_process_group()

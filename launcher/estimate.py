@@ -26,6 +26,7 @@ from launcher.config import Config
 from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
 from launcher.methods import method_for
 from launcher.methods.base import DTYPE_BYTES
+from launcher.objectives.traits import objective_name, objective_traits
 from launcher.strategies import resolve_strategy_name, sharding_alternatives
 from launcher.strategies.ds_config import stage_and_offload
 from launcher.strategies.traits import traits
@@ -179,6 +180,8 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
         state["weights"] = 2 * p["block"]
     parts = {"weights": state["weights"], "gradients": state["gradients"], "optimizer state": state["optimizer"]}
     parts |= ({"fp32 master copy": master} if master else {}) | a
+    if holds_reference_copy(cfg):
+        parts["reference model"] = p["weights"]  # an unsharded frozen copy (objective.reference: model)
     if declared.frees_gradients and cfg.train.grad_accum == 1:
         # backward frees each layer's activations as it creates that layer's gradients, and no gradient
         # outlives the step: the two peak apart (all activations at the start of backward, all gradients at
@@ -290,10 +293,52 @@ def resolve_checkpointing(cfg: Config, world: int, cuda: bool, capacity: float) 
     )
 
 
+def holds_reference_copy(cfg: Config) -> bool:
+    """Whether the run holds a frozen reference model beside the policy."""
+    return cfg.objective is not None and cfg.objective.reference == "model" and compares_with_reference(cfg)
+
+
+def compares_with_reference(cfg: Config) -> bool:
+    """Whether the run's objective compares the policy with a reference (objective.reference applies)."""
+    return objective_traits(objective_name(cfg)).reference
+
+
+def resolve_reference(cfg: Config, world: int, cuda: bool, capacity: float) -> tuple[Config, str]:
+    """`objective.reference: auto` made concrete: adapter_disabled for a method that switches its adapter off;
+    else model (a frozen copy) when the strategy holds whole models and the estimated peak with the copy is at
+    most AUTO_CHECKPOINTING_SHARE of the memory (the same margin for the same estimate), else precomputed.
+    Returns the config to run and a line saying what was chosen and why ("" when it was not `auto`)."""
+    if cfg.objective is None or cfg.objective.reference != "auto" or not compares_with_reference(cfg):
+        return cfg, ""
+    out = cfg.model_copy(deep=True)
+    method = method_for(cfg)
+    if method.switches_off:
+        out.objective.reference = "adapter_disabled"
+        return out, f"objective.reference auto -> adapter_disabled (method {method.name} switches its adapter off)"
+    name = resolve_strategy_name(cfg, world)
+    if not traits(name).replicated:
+        out.objective.reference = "precomputed"
+        return out, f"objective.reference auto -> precomputed (a reference copy is not sharded under {name})"
+    out.objective.reference = "model"
+    try:
+        need = sum(breakdown(out, read_shape(cfg.model.path), world, cuda).values())
+    except (OSError, KeyError, ValueError):  # no readable config.json: no second model
+        out.objective.reference = "precomputed"
+        return out, "objective.reference auto -> precomputed (the model's size is unknown)"
+    fits = need <= AUTO_CHECKPOINTING_SHARE * capacity
+    out.objective.reference = "model" if fits else "precomputed"
+    return out, (
+        f"objective.reference auto -> {out.objective.reference} (estimated peak with a frozen reference copy "
+        f"{need / GIB:.2f} GiB per rank of {capacity / GIB:.1f} GiB; the copy is held when that is at most "
+        f"{AUTO_CHECKPOINTING_SHARE:.0%})"
+    )
+
+
 def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float | None) -> tuple[bool, str]:
     """(fits, the text `ftl estimate` prints)."""
     capacity, where = device_capacity(gpu, gpu_mem, world)
     cfg, auto_note = resolve_checkpointing(cfg, world, cuda, capacity)
+    cfg, reference_note = resolve_reference(cfg, world, cuda, capacity)
     shape = read_shape(cfg.model.path)
     parts = breakdown(cfg, shape, world, cuda)
     total = sum(parts.values())
@@ -305,6 +350,7 @@ def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float 
         f"{'CUDA' if cuda else 'CPU'}; micro batch {cfg.train.micro_batch_size} × {cfg.data.max_seq_len} tokens, "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
         *([auto_note] if auto_note else []),
+        *([reference_note] if reference_note else []),
         "",
         "| per rank | GiB |",
         "| --- | --- |",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -167,3 +169,25 @@ def build_meta_model(cfg: Config) -> nn.Module:
         model = cls.from_config(hf_config, dtype=DTYPES[m.dtype], trust_remote_code=m.trust_remote_code, **kwargs)
     set_pad_token_id(model, cfg)
     return attach_method(model, cfg)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".index.json")
+
+
+def weights_fingerprint(path: str) -> str:
+    """A cheap fingerprint of the model's weights: its resolved directory and each weight file's name, size and
+    modification time (a hub id: its local snapshot; the id itself when none is found)."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        try:
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(path, local_files_only=True))
+        except Exception:  # no local snapshot: the id is all there is to key by
+            return hashlib.sha256(path.encode()).hexdigest()
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for f in sorted(root.iterdir()):
+        if f.name.endswith(WEIGHT_SUFFIXES):
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()

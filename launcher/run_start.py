@@ -9,13 +9,14 @@ import torch
 
 from launcher.config import Config
 from launcher.data import Collator, GlobalBatchSampler
-from launcher.dist import DistEnv, all_reduce_sum
-from launcher.estimate import resolve_checkpointing
+from launcher.dist import DistEnv, all_reduce_sum, all_reduce_tensor
+from launcher.estimate import resolve_checkpointing, resolve_reference
 from launcher.launch.allocator import active_allocator
 from launcher.methods import method_for, trainable_by_block
 from launcher.metrics import log
 from launcher.mfu import MfuMeter
 from launcher.model import param_counts
+from launcher.objectives.base import Ranks, TrainingStart
 from launcher.optim import depth_label, group_lrs
 from launcher.run_context import RunContext
 from launcher.strategies.base import Strategy
@@ -75,18 +76,52 @@ def decide_checkpointing(cfg: Config, env: DistEnv) -> Config:
     """Resolve `gradient_checkpointing: auto` from the memory estimate; every rank takes the same choice."""
     if cfg.train.gradient_checkpointing != "auto":
         return cfg
-    if env.device.type == "cuda":
-        capacity = torch.cuda.get_device_properties(env.device).total_memory
-    else:
-        import psutil
-
-        capacity = psutil.virtual_memory().total / int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-    cfg, note = resolve_checkpointing(cfg, env.world_size, env.device.type == "cuda", capacity)
+    cfg, note = resolve_checkpointing(cfg, env.world_size, env.device.type == "cuda", memory_per_rank(env))
     wanted = all_reduce_sum([float(cfg.train.gradient_checkpointing)], env)[0]
     cfg.train.gradient_checkpointing = wanted > 0  # any rank short of memory: all recompute
     if env.is_main:
         log(note)
     return cfg
+
+
+def memory_per_rank(env: DistEnv) -> float:
+    """Bytes one rank may use: its GPU's, or this machine's memory shared by its ranks."""
+    if env.device.type == "cuda":
+        return torch.cuda.get_device_properties(env.device).total_memory
+    import psutil
+
+    return psutil.virtual_memory().total / int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
+
+
+def decide_reference(cfg: Config, env: DistEnv) -> Config:
+    """Resolve `objective.reference: auto` from the memory estimate; any rank short of memory for a frozen copy
+    makes every rank take the precomputed log-probs."""
+    cfg, note = resolve_reference(cfg, env.world_size, env.device.type == "cuda", memory_per_rank(env))
+    if not note:
+        return cfg
+    chosen = cfg.objective.reference
+    if chosen in ("model", "precomputed") and all_reduce_sum([float(chosen == "precomputed")], env)[0]:
+        cfg.objective.reference = "precomputed"
+    if env.is_main:
+        log(note if cfg.objective.reference == chosen else f"{note}; another rank has no room for it: precomputed")
+    return cfg
+
+
+def start_objective(run: RunContext) -> None:
+    """Let the objective prepare from the starting model (a reference copy, or precomputed log-probs): after the
+    strategy wrapped it and before any checkpoint loads."""
+    env, strategy = run.env, run.strategy
+    ranks = Ranks(
+        device=env.device,
+        sum=lambda t: all_reduce_tensor(t, env),
+        dp_rank=env.dp_rank,
+        dp_size=env.dp_size,
+        is_main=env.is_main,
+        writes=env.local_rank == 0,
+        first_of_replica=env.rank % (env.world_size // env.dp_size) == 0,
+    )
+    start = TrainingStart(strategy.model, strategy.unwrapped, run.data, run.collate, strategy.autocast, ranks)
+    run.objective.start(start)
 
 
 def make_collator(run: RunContext, tokenizer: Any) -> Collator:

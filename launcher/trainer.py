@@ -33,10 +33,12 @@ from launcher.run_context import RunContext
 from launcher.run_dir import FINAL_DIR, RunDir
 from launcher.run_start import (
     decide_checkpointing,
+    decide_reference,
     describe_sharding,
     describe_start,
     make_collator,
     start_mfu,
+    start_objective,
 )
 from launcher.stop import StopRequest
 from launcher.strategies import make_strategy
@@ -208,7 +210,7 @@ def make_l2sp(strategy: Strategy, weight: float) -> L2SP | None:
 
 def plan_run(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits) -> RunContext:
     """The run's shape, decided before any model loads: checkpointing, strategy, objective, batches, length."""
-    cfg = decide_checkpointing(cfg, env)
+    cfg = decide_reference(decide_checkpointing(cfg, env), env)
     strategy = make_strategy(cfg, env)
     problems = strategy_problems(cfg, strategy.name, env.device.type == "cuda")  # `auto` is resolved now
     if problems:
@@ -225,6 +227,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     model = strategy.build_model()
     strategy.setup(model, optimizer_factory(cfg.train, model))
     run.objective.use_forward_only(strategy.forward_only_model)
+    run.collate = make_collator(run, tokenizer)
+    start_objective(run)  # from the starting weights: before any checkpoint loads
     l2sp = make_l2sp(strategy, cfg.train.l2sp.weight)
     ckpt = CheckpointManager(cfg, env, strategy.name)  # (the L2-SP anchor is taken before any checkpoint loads)
     resume_from = ckpt.resume_path()
@@ -232,7 +236,6 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     describe_start(run)
     check_room(cfg, strategy, env)
     writer = MetricsWriter(cfg, out_dir, run.steps, state, start_mfu(run)) if env.is_main else None
-    run.collate = make_collator(run, tokenizer)
     stop = StopRequest(env, out_dir / "STOP", cfg.checkpoint.stop_signals, cfg.checkpoint.max_minutes)
     strategy.model.train()
     first_step = state.step

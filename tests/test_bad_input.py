@@ -212,7 +212,16 @@ VALIDATE_CASES |= {
     ),
     "pair-rows-without-dpo": (_rows([PAIR], "preference"), "preference rows train objective.kind: dpo"),
     "dpo-on-completion-rows": (_set(*DPO), "'completion' does not fit objective.kind='dpo'"),
-    "dpo-full-finetuning": (_pairs([PAIR], "method.kind=full"), "objective.reference: auto"),
+    "dpo-full-adapter-disabled": (
+        _pairs([PAIR], "method.kind=full", "objective.reference=adapter_disabled"),
+        "objective.reference: adapter_disabled needs a method that switches its adapter off",
+    ),
+    "dpo-lora-model-copy": (_pairs([PAIR], "objective.reference=model"), "use adapter_disabled (or auto)"),
+    "dpo-model-copy-fsdp": (
+        _pairs([PAIR], "method.kind=full", "objective.reference=model", "distributed.strategy=fsdp"),
+        "objective.reference: model holds an unsharded frozen copy, which runs under single or ddp, not "
+        "distributed.strategy fsdp; use objective.reference: precomputed",
+    ),
     "dpo-classification-model": (_pairs([PAIR], "model.task=sequence_classification"), "objective.kind: "),
     "dpo-packing": (_pairs([PAIR], "data.packing=true"), "data.packing: the objective of objective.kind='dpo'"),
     "dpo-loss-type-unknown": (_pairs([PAIR], "objective.loss_type=kto"), "objective.loss_type"),

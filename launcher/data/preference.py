@@ -62,8 +62,9 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, max_len: int) -> Samples:
 @dataclass(frozen=True)
 class PairCollator:
     """Pair ids to one padded batch: the chosen rows of the pairs, then their rejected rows in the same order
-    (row k and row n+k are pair k), as TRL lays a DPO batch out, and `margin` (one per pair) where the split has
-    margins. Rows are never joined: padding-free pairs come later."""
+    (row k and row n+k are pair k), as TRL lays a DPO batch out, with `margin` (one per pair) where the split has
+    margins and the pairs' precomputed reference log-probs in the same order when the samples hold them. Rows are
+    never joined: padding-free pairs come later."""
 
     pad_id: int
 
@@ -77,4 +78,7 @@ class PairCollator:
         batch = collate(rows, list(range(2 * len(ids))), self.pad_id)
         if samples.margins is not None:
             batch["margin"] = torch.from_numpy(samples.margins[ids]).float()
+        stored = samples.reference_logps
+        if stored is not None:  # precomputed reference: each row's stored log-prob, by its pair's sample id
+            batch["reference_logps"] = torch.from_numpy(np.concatenate([stored[ids, 0], stored[ids, 1]]))
         return batch

@@ -36,6 +36,8 @@ class Samples:
     # preference pairs: the rejected completions (sample i is pair i: the arrays above hold its chosen side)
     rejected: Samples | None = None
     margins: np.ndarray | None = None  # preference pairs with a `margin` column: each pair's (float64)
+    # preference pairs under objective.reference precomputed: pair i's reference log-probs (chosen, rejected)
+    reference_logps: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.input_ids)

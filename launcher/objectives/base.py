@@ -8,7 +8,9 @@ SFT and sequence classification are the first two; a preference objective is one
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,7 +18,7 @@ import torch
 from torch import nn
 
 from launcher.config import Config
-from launcher.data import Collator
+from launcher.data import Collator, DataSplits
 from launcher.loss import TaskLosses
 from launcher.objectives.traits import ObjectiveTraits, objective_traits
 from launcher.reference_head import PretrainedLMHead
@@ -30,6 +32,32 @@ class LossSum:
 
     loss: torch.Tensor
     counts: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingStart:
+    """What an objective may prepare from once before the first step, while the model holds its starting
+    weights (no checkpoint loaded yet)."""
+
+    model: nn.Module  # as the strategy runs it (wrapped): a forward every rank joins
+    bare: nn.Module  # the same without the strategy's wrapper
+    data: DataSplits
+    collate: Collator
+    autocast: Callable[[], contextlib.AbstractContextManager]  # the strategy's forward context
+    ranks: Ranks
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process among the run's ranks, as far as an objective's preparation needs it."""
+
+    device: torch.device
+    sum: Callable[[torch.Tensor], torch.Tensor]  # Σ of a CPU tensor across ranks (itself in one process)
+    dp_rank: int = 0
+    dp_size: int = 1
+    is_main: bool = True  # logs
+    writes: bool = True  # the first rank on its machine: writes what is cached there
+    first_of_replica: bool = True  # the first rank of its data-parallel replica: its share counts once in `sum`
 
 
 class Objective(ABC):
@@ -53,6 +81,10 @@ class Objective(ABC):
     def traits(self) -> ObjectiveTraits:
         """What this objective declares without torch (formats it reads, packing)."""
         return objective_traits(self.name)
+
+    def start(self, start: TrainingStart) -> None:
+        """Prepare what the objective needs from the starting model (e.g. a reference); nothing by default."""
+        return
 
     @abstractmethod
     def collator(self, tokenizer: Any, model_config: Any, may_concatenate: bool) -> Collator:

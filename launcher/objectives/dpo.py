@@ -1,5 +1,5 @@
-"""Direct preference optimisation (DPO) on preference pairs, with the reference = the same network with its
-adapter switched off.
+"""Direct preference optimisation (DPO) on preference pairs, against the reference objective.reference names
+(launcher/objectives/reference.py: the adapter switched off, a frozen copy, or precomputed log-probs).
 
 A batch holds n pairs as 2n rows: the chosen completions, then the rejected ones (launcher/data/preference.py).
 With π the policy's and ρ the reference's summed log-probability of a completion given its prompt, each pair's
@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launcher.config import Config
 from launcher.data import PairCollator
-from launcher.data.formats import IGNORE
-from launcher.loss import TaskLosses, causal_lm_loss_by_row
-from launcher.methods import method_for
-from launcher.objectives.base import Batch, LossSum, Objective
+from launcher.loss import TaskLosses
+from launcher.objectives.base import Batch, LossSum, Objective, TrainingStart
+from launcher.objectives.reference import reference_for, sequence_logps
 
 METRICS = (
     "rewards/chosen",
@@ -33,11 +33,6 @@ METRICS = (
     "logps/chosen",
     "logps/rejected",
 )
-
-
-def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed log-probability of its label tokens (fp32), and how many label tokens it has."""
-    return -causal_lm_loss_by_row(model, batch), (batch["labels"][:, 1:] != IGNORE).sum(1)
 
 
 def pair_losses(
@@ -59,6 +54,14 @@ class DPO(Objective):
     name = "dpo"
     counts = METRICS
 
+    def __init__(self, cfg: Config):
+        super().__init__(cfg)
+        self.reference = reference_for(cfg)
+
+    def start(self, start: TrainingStart) -> None:
+        """The reference's preparation: a frozen copy, or the precomputed log-probs (nothing with adapters)."""
+        self.reference.start(start)
+
     def collator(self, tokenizer: Any, model_config: Any, may_concatenate: bool) -> PairCollator:
         """Pairs stay padded rows (padding-free pairs come later, so `may_concatenate` is not used)."""
         return PairCollator(tokenizer.pad_token_id)
@@ -68,11 +71,9 @@ class DPO(Objective):
         return int(batch["input_ids"].shape[0]) // 2
 
     def reference_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """The reference's per-row log-probs: the network the run started from (the method's view), no graph;
-        through the strategy's module for a forward without backward (`use_forward_only`; else `model` itself)."""
-        network = self.forward_only if self.forward_only is not None else model
-        with torch.no_grad(), method_for(self.cfg).reference_view(network):
-            return sequence_logps(network, batch)[0]
+        """The reference's per-row log-probs, no graph. A forward goes through the strategy's module for a forward
+        without backward (`use_forward_only`; else `model` itself)."""
+        return self.reference.logps(self.forward_only if self.forward_only is not None else model, batch)
 
     def loss_sum(self, model: nn.Module, batch: Batch, per_task: TaskLosses | None = None) -> LossSum:
         """Σ over the batch's pairs of the DPO loss, and the sums behind TRL's reward and log-prob metrics."""

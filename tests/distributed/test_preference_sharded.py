@@ -47,7 +47,10 @@ STRATEGIES: dict[str, dict[str, Any]] = {  # name -> distributed section
 CASES = [*((s, "lora") for s in STRATEGIES), ("fsdp", "qlora"), ("zero3", "qlora")]
 # DPO gets every case (its reference forward is the strategy-sensitive part); the reference-free objectives share
 # the rest of its path (sequence log-probs, pair batches), so the two sharded strategies suffice for them
-MATRIX = [("dpo", s, m) for s, m in CASES] + [(o, s, "lora") for o in ("simpo", "orpo") for s in ("fsdp", "zero3")]
+# full fine-tuning DPO: `auto` picks precomputed reference log-probs under the sharded strategies (a pass over the
+# sharded starting model), a frozen copy in one process: both are the starting model, so the runs agree
+MATRIX = [("dpo", s, m) for s, m in CASES] + [("dpo", s, "full") for s in ("fsdp", "zero3")]
+MATRIX += [(o, s, "lora") for o in ("simpo", "orpo") for s in ("fsdp", "zero3")]
 RESUMED = ("dpo",)
 PROBED = ("fsdp-lora", "zero3-lora", "fsdp-qlora", "zero3-qlora")  # the weights are sharded
 REFERENCE_OBJECTIVES = [o for o in OBJECTIVES if objective_traits(KINDS[o]).reference]  # they have a reference forward
