@@ -132,11 +132,14 @@ class DataConfig(_Section):
         None, description="chat/sharegpt: a system turn put first in every conversation that opens without one."
     )
     max_seq_len: int = Field(512, ge=8, description="Rows are truncated (or packed) to this many tokens.")
-    packing: bool = Field(False, description="Pack samples into full rows (no cross-sample attention).")
+    packing: bool = Field(
+        False, description="Pack samples into full rows (no cross-sample attention); preference pairs whole."
+    )
     padding_free: bool = Field(
         True,
-        description="Unpacked causal rows: concatenate each micro-batch into one row (per-sample positions, "
-        "no cross-sample attention) whenever that computes less than padding it; same loss, no padding work.",
+        description="Unpacked causal rows (both sides of preference pairs too): concatenate each micro-batch into "
+        "one row (per-sample positions, no cross-sample attention) whenever that computes less than padding it; "
+        "same loss, no padding work.",
     )
     mask_prompt: bool = Field(True, description="Only answer tokens carry loss.")
     reference: str | None = Field(

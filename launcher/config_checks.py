@@ -276,6 +276,11 @@ def reference_problems(cfg: Config) -> list[str]:
             f"({', '.join(switchable)}), and method.kind {cfg.method.kind} has none; use objective.reference: "
             "model (a frozen copy), precomputed (log-probs computed once before training) or auto"
         ]
+    if reference == "precomputed" and cfg.data.packing:
+        return [
+            "data.packing: precomputed reference log-probs are stored per pair, and a packed row mixes pairs; "
+            "leave data.packing off (padding-free pairs, data.padding_free, join a micro-batch's pairs anyway)"
+        ]
     if reference == "model" and method.switches_off:
         return [
             f"objective.reference: model would copy the whole network, but with method.kind {cfg.method.kind} the "

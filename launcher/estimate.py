@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launcher.config import Config
+from launcher.errors import ConfigError
 from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
 from launcher.methods import method_for
 from launcher.methods.base import DTYPE_BYTES
@@ -316,6 +317,16 @@ def resolve_reference(cfg: Config, world: int, cuda: bool, capacity: float) -> t
         out.objective.reference = "adapter_disabled"
         return out, f"objective.reference auto -> adapter_disabled (method {method.name} switches its adapter off)"
     name = resolve_strategy_name(cfg, world)
+    if cfg.data.packing:  # precomputed log-probs are stored per pair; a packed row mixes pairs
+        if not traits(name).replicated:
+            raise ConfigError(
+                [
+                    f"data.packing: full fine-tuning DPO under {name} compares with precomputed reference log-probs, "
+                    "which are stored per pair; leave data.packing off (padding-free pairs join a micro-batch anyway)"
+                ]
+            )
+        out.objective.reference = "model"
+        return out, "objective.reference auto -> model (data.packing: precomputed log-probs are stored per pair)"
     if not traits(name).replicated:
         out.objective.reference = "precomputed"
         return out, f"objective.reference auto -> precomputed (a reference copy is not sharded under {name})"

@@ -30,7 +30,7 @@ from launcher.data.formats import IGNORE
 
 _LABELS: ContextVar[torch.Tensor | None] = ContextVar("ftl_labels", default=None)
 _TASKS: ContextVar[tuple[torch.Tensor, TaskLosses] | None] = ContextVar("ftl_tasks", default=None)
-_PER_ROW: ContextVar[bool] = ContextVar("ftl_per_row", default=False)
+_SEGMENTS: ContextVar[tuple[torch.Tensor, int] | None] = ContextVar("ftl_segments", default=None)
 
 
 @dataclass
@@ -84,18 +84,24 @@ def causal_lm_loss_sum(
     return losses.sum()
 
 
-def causal_lm_loss_by_row(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Each row's summed next-token loss over its label tokens (fp32), shape (rows,): the label-only output
-    layer returns them itself; a model without it goes through its full logits."""
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask")}
-    with labels_for_head(batch["labels"], per_row=True):
+def causal_lm_loss_by_segment(
+    model: nn.Module, batch: dict[str, torch.Tensor], segments: torch.Tensor, count: int
+) -> torch.Tensor:
+    """Each sequence's summed next-token loss over its label tokens (fp32), shape (count,). `segments` gives each
+    position's sequence (0..count-1; -1: none): a row of a padded batch, or a sample of a padding-free or packed
+    row, whose label tokens are summed together. The label-only output layer returns the sums itself; a model
+    without it goes through its full logits."""
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "position_ids")}
+    with labels_for_head(batch["labels"], segments=(segments, count)):
         out = model(**inputs).logits
     if out.ndim == 1:
         return out
     targets = aligned_labels(batch["labels"], out.size(1))[:, 1:]  # prompt tuning prepends virtual tokens
+    owners = aligned_labels(segments, out.size(1), fill=-1)[:, 1:]  # a label's sequence is its token's
     flat = out[:, :-1].float().reshape(-1, out.size(-1))
-    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none")
-    return nll.view(targets.shape).sum(1)
+    nll = F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE, reduction="none").view(targets.shape)
+    keep = targets != IGNORE
+    return nll.new_zeros(count).index_add(0, owners[keep], nll[keep])
 
 
 def install_label_only_head(model: nn.Module) -> bool:
@@ -111,26 +117,31 @@ def install_label_only_head(model: nn.Module) -> bool:
 
 @contextlib.contextmanager
 def labels_for_head(
-    labels: torch.Tensor, tasks: tuple[torch.Tensor, TaskLosses] | None = None, per_row: bool = False
+    labels: torch.Tensor,
+    tasks: tuple[torch.Tensor, TaskLosses] | None = None,
+    segments: tuple[torch.Tensor, int] | None = None,
 ) -> Iterator[None]:
     """While active, a switched output layer returns the summed loss over `labels` (shifted by one), and adds
-    each task's share to `tasks` = (per-token task ids, sums) when given. With `per_row`, one sum per row (a
-    1-dim tensor: what preference objectives compare)."""
-    token, task_token, row_token = _LABELS.set(labels), _TASKS.set(tasks), _PER_ROW.set(per_row)
+    each task's share to `tasks` = (per-token task ids, sums) when given. With `segments` = (each position's
+    sequence, their number), one sum per sequence (a 1-dim tensor: what preference objectives compare)."""
+    token, task_token, segment_token = _LABELS.set(labels), _TASKS.set(tasks), _SEGMENTS.set(segments)
     try:
         yield
     finally:
         _LABELS.reset(token)
         _TASKS.reset(task_token)
-        _PER_ROW.reset(row_token)
+        _SEGMENTS.reset(segment_token)
 
 
 def _head_forward(head: nn.Linear, hidden: torch.Tensor) -> torch.Tensor:
     labels = _LABELS.get()
     if labels is None or hidden.shape[0] != labels.shape[0] or hidden.shape[1] < labels.shape[1]:
         return F.linear(hidden, head.weight, head.bias)
-    if _PER_ROW.get():
-        return label_loss_by_row(hidden, head.weight, head.bias, aligned_labels(labels, hidden.shape[1]))
+    segments = _SEGMENTS.get()
+    if segments is not None:
+        owners = aligned_labels(segments[0], hidden.shape[1], fill=-1)
+        labels = aligned_labels(labels, hidden.shape[1])
+        return label_loss_by_segment(hidden, head.weight, head.bias, labels, owners, segments[1])
     tasks = _TASKS.get()
     if tasks is not None:
         tasks = (aligned_labels(tasks[0], hidden.shape[1], fill=-1), tasks[1])
@@ -171,15 +182,21 @@ def label_loss_sum(
     return total
 
 
-def label_loss_by_row(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor
+def label_loss_by_segment(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    segments: torch.Tensor,
+    count: int,
 ) -> torch.Tensor:
-    """Each row's Σ cross-entropy over its label positions (as label_loss_sum, in chunks, fp32): shape (rows,)."""
+    """Each sequence's Σ cross-entropy over its label positions (as label_loss_sum, in chunks, fp32): shape
+    (count,). Position t predicts labels[t+1] and counts for that token's sequence, segments[t+1]."""
     targets = labels[:, 1:]
     keep = targets != IGNORE
-    owners = torch.arange(targets.shape[0], device=targets.device)[:, None].expand_as(targets)[keep]
+    owners = segments[:, 1:][keep]
     rows, wanted = hidden[:, :-1][keep], targets[keep]
-    total = hidden.float().sum() * 0.0 + torch.zeros(targets.shape[0], device=hidden.device)  # in the graph
+    total = hidden.float().sum() * 0.0 + torch.zeros(count, device=hidden.device)  # in the graph
     step = max(1, loss_models.CHUNK_ELEMENTS // weight.shape[0])
     for i in range(0, rows.shape[0], step):
         part = checkpoint(

@@ -9,6 +9,7 @@ import torch
 
 from launcher.config import Config
 from launcher.data import Collator, GlobalBatchSampler
+from launcher.data.preference import pairs_in
 from launcher.dist import DistEnv, all_reduce_sum, all_reduce_tensor
 from launcher.estimate import resolve_checkpointing, resolve_reference
 from launcher.launch.allocator import active_allocator
@@ -43,7 +44,9 @@ def describe_start(run: RunContext) -> None:
         train, pairs = run.data.train, run.objective.traits.pairs
         unit = "pairs" if pairs else "samples"  # a preference sample is a pair of rows
         if pairs:
-            log(f"data.train: {len(train) + train.dropped} pairs read, {len(train)} kept")
+            kept = pairs_in(train)
+            log(f"data.train: {kept + train.dropped} pairs read, {kept} kept")
+            unit = "packed rows of whole pairs" if cfg.data.packing else unit
         log(
             f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
             f"{env.dp_size} data-parallel ranks = {sampler.global_batch} {unit}; "

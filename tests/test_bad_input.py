@@ -210,6 +210,19 @@ VALIDATE_CASES |= {
         _pairs([{"prompt": CHAT[:1], "chosen": [CHAT[0]], "rejected": " w1"}]),
         "line 1: 'chosen' messages must all be assistant turns",
     ),
+    "pair-implicit-no-shared-prefix": (
+        _pairs([PAIR, {"chosen": "w1 w2", "rejected": "w3 w2"}]),
+        "line 2: no 'prompt', and 'chosen' and 'rejected' share no prefix",
+    ),
+    "pair-implicit-identical": (_pairs([{"chosen": CHAT, "rejected": CHAT}]), "line 1: 'chosen' equals 'rejected'"),
+    "pair-implicit-empty-after-prefix": (
+        _pairs([{"chosen": CHAT, "rejected": [*CHAT, CHAT[1]]}]),
+        "line 1: 'chosen' is empty after the prefix it shares with the other side",
+    ),
+    "pair-implicit-text-and-messages": (
+        _pairs([{"chosen": CHAT, "rejected": "w1"}]),
+        "line 1: without a 'prompt', 'chosen' and 'rejected' must both be text or both message lists",
+    ),
     "pair-rows-without-dpo": (_rows([PAIR], "preference"), "preference rows train objective.kind: dpo"),
     "dpo-on-completion-rows": (_set(*DPO), "'completion' does not fit objective.kind='dpo'"),
     "dpo-full-adapter-disabled": (
@@ -223,7 +236,6 @@ VALIDATE_CASES |= {
         "distributed.strategy fsdp; use objective.reference: precomputed",
     ),
     "dpo-classification-model": (_pairs([PAIR], "model.task=sequence_classification"), "objective.kind: "),
-    "dpo-packing": (_pairs([PAIR], "data.packing=true"), "data.packing: the objective of objective.kind='dpo'"),
     "dpo-loss-type-unknown": (_pairs([PAIR], "objective.loss_type=kto"), "objective.loss_type"),
     "dpo-beta-zero": (_pairs([PAIR], "objective.beta=0"), "objective.beta"),
     "dpo-gamma": (_pairs([PAIR], "objective.gamma=1.0"), "objective.gamma: 1.0 is not read by objective.kind='dpo'"),
@@ -245,9 +257,9 @@ VALIDATE_CASES |= {
     ),
     "sft-beta": (_set("objective.kind=sft", "objective.beta=0.5"), "objective.beta: 0.5 is not read by"),
     "simpo-gamma-negative": (_pairs([PAIR], "objective.kind=simpo", "objective.gamma=-1"), "objective.gamma"),
-    "orpo-packing": (
-        _pairs([PAIR], "objective.kind=orpo", "data.packing=true"),
-        "data.packing: the objective of objective.kind='orpo'",
+    "dpo-precomputed-packing": (
+        _pairs([PAIR], "method.kind=full", "objective.reference=precomputed", "data.packing=true"),
+        "data.packing: precomputed reference log-probs are stored per pair",
     ),
     "dpo-reward-setting": (
         _pairs([PAIR], "objective.center_rewards_coefficient=0.01"),

@@ -13,7 +13,8 @@ from helpers import WORDS, base_config, ftl, read_metrics, write_config, write_j
 
 from launcher.checkpoint import TrainState
 from launcher.config_loading import load_config
-from launcher.data.preference import PairCollator, tokenize_pairs
+from launcher.data.pair_batches import PairCollator
+from launcher.data.preference import tokenize_pairs
 from launcher.dist import init_distributed
 from launcher.model import load_tokenizer
 from launcher.objectives import objective_for
@@ -127,9 +128,11 @@ def test_dpo_learns_the_preference(tmp_path: Path, models: dict) -> None:
     assert "data.train: 48 pairs read, 48 kept" in res.stderr and "= 4 pairs;" in res.stderr
 
 
-def test_label_only_log_probs_equal_full_logits(models: dict) -> None:
-    """The label-only output layer's per-row sums (no full-vocabulary logits) equal the full logits' log-probs,
-    values and gradients, in chunks smaller than a row."""
+@pytest.mark.parametrize("width", [0, 10**6], ids=["padded", "padding_free"])
+def test_label_only_log_probs_equal_full_logits(models: dict, width: int) -> None:
+    """The label-only output layer's per-sequence sums (no full-vocabulary logits) equal the full logits'
+    log-probs, values and gradients, in chunks smaller than a sequence; in 2n padded rows, and with the 2n
+    sequences concatenated into one row."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from launcher import loss_models
@@ -137,7 +140,9 @@ def test_label_only_log_probs_equal_full_logits(models: dict) -> None:
     from launcher.objectives.dpo import sequence_logps
 
     tokenizer = AutoTokenizer.from_pretrained(models["llama"])
-    batch = PairCollator(tokenizer.pad_token_id)(tokenize_pairs(preference_rows(6, seed=5), tokenizer, 64), range(6))
+    samples = tokenize_pairs(preference_rows(6, seed=5), tokenizer, 64)
+    batch = PairCollator(tokenizer.pad_token_id, width)(samples, range(6))
+    assert batch["input_ids"].shape[0] == (12 if width == 0 else 1)
     plain, switched = (AutoModelForCausalLM.from_pretrained(models["llama"]) for _ in range(2))
     assert install_label_only_head(switched)
     chunk, loss_models.CHUNK_ELEMENTS = loss_models.CHUNK_ELEMENTS, 3 * switched.config.vocab_size  # 3 positions

@@ -16,7 +16,8 @@ from test_dpo import METRICS, preference_rows
 
 from launcher.checkpoint import TrainState
 from launcher.config_loading import load_config
-from launcher.data.preference import PairCollator, tokenize_pairs
+from launcher.data.pair_batches import PairCollator
+from launcher.data.preference import tokenize_pairs
 from launcher.data.tokenized import token_cache_dir
 from launcher.dist import init_distributed
 from launcher.estimate import GIB, resolve_reference

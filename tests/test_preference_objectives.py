@@ -14,7 +14,8 @@ from test_dpo import METRICS, dpo_config, preference_rows
 
 from launcher.cli import main
 from launcher.config_loading import load_config
-from launcher.data.preference import PairCollator, tokenize_pairs
+from launcher.data.pair_batches import PairCollator
+from launcher.data.preference import tokenize_pairs
 from launcher.objectives import objective_for
 
 CPO_METRICS = (*METRICS, "nll_loss")  # TRL's CPOTrainer names, less logits/* (ftl builds no full-vocabulary logits)

@@ -13,7 +13,8 @@ from test_dpo import preference_rows
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from launcher.config_loading import load_config
-from launcher.data.preference import PairCollator, tokenize_pairs
+from launcher.data.pair_batches import PairCollator
+from launcher.data.preference import tokenize_pairs
 from launcher.objectives import objective_for
 
 REWARD_MODEL = {"task": "sequence_classification", "num_labels": 1}

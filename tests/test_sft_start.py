@@ -17,7 +17,8 @@ from test_dpo import preference_rows
 from launcher.checkpoint import TrainState
 from launcher.cli import main
 from launcher.config_loading import load_config
-from launcher.data.preference import PairCollator, tokenize_pairs
+from launcher.data.pair_batches import PairCollator
+from launcher.data.preference import tokenize_pairs
 from launcher.dist import init_distributed
 from launcher.errors import ConfigError
 from launcher.estimate import parameter_bytes, read_shape

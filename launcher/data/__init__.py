@@ -14,7 +14,7 @@ _EXPORTS = {
     "Collator": "launcher.data.batches",
     "collate": "launcher.data.batches",
     "label_token_count": "launcher.data.batches",
-    "PairCollator": "launcher.data.preference",
+    "PairCollator": "launcher.data.pair_batches",
     "Samples": "launcher.data.tokenized",
     "DataSplits": "launcher.data.splits",
     "RawSplits": "launcher.data.splits",

@@ -1,25 +1,26 @@
-"""Preference pairs: each row {prompt, chosen, rejected} becomes ONE sample of its split, the chosen side in the
-split's usual arrays and the rejected side in `Samples.rejected`. Sample ids therefore name pairs: the sampler,
-resume and the per-rank split never see a half pair, and the pair collator expands pair k into its two rows."""
+"""Preference pairs: each row {prompt, chosen, rejected} (or {chosen, rejected} sharing the prompt as their prefix)
+becomes ONE sample of its split, the chosen side in the split's usual arrays and the rejected side in
+`Samples.rejected`. Sample ids therefore name pairs: the sampler, resume and the per-rank split never see a half
+pair. Packing keeps that: a packed row holds whole pairs. The pair collator (launcher/data/pair_batches.py) lays a
+micro-batch's pairs out as padded rows, one padding-free row or packed rows. This module is torch-free: `ftl
+validate` reads and checks pairs without torch."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 
-from launcher.data.batches import collate
 from launcher.data.formats import Segment, chat_prompt, encode_segments, leading_special_ids
-from launcher.data.tokenized import Samples
+from launcher.data.rows import with_prompt
+from launcher.data.tokenized import Samples, concatenated, pack_groups
 
 SIDES = ("chosen", "rejected")
 
 
 def uses_messages(rows: list[dict]) -> bool:
     """Whether any row's prompt is a message list (rendered with the chat template)."""
-    return any(isinstance(r["prompt"], list) for r in rows)
+    return any(isinstance(with_prompt(r)["prompt"], list) for r in rows)
 
 
 def pair_segments(row: dict, side: str, tokenizer: Any) -> list[Segment]:
@@ -44,7 +45,7 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, max_len: int) -> Samples:
     sides: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {s: ([], []) for s in SIDES}
     margins: list[float] = []
     dropped = 0
-    for row in rows:
+    for row in map(with_prompt, rows):
         start = [] if isinstance(row["prompt"], list) else prefix  # a chat template writes its own leading tokens
         encoded = [encode_segments(pair_segments(row, s, tokenizer), tokenizer, max_len, True, start) for s in SIDES]
         if any(e is None for e in encoded):
@@ -59,26 +60,28 @@ def tokenize_pairs(rows: list[dict], tokenizer: Any, max_len: int) -> Samples:
     return Samples(sides["chosen"][0], sides["chosen"][1], dropped=dropped, rejected=rejected, margins=given)
 
 
-@dataclass(frozen=True)
-class PairCollator:
-    """Pair ids to one padded batch: the chosen rows of the pairs, then their rejected rows in the same order
-    (row k and row n+k are pair k), as TRL lays a DPO batch out, with `margin` (one per pair) where the split has
-    margins and the pairs' precomputed reference log-probs in the same order when the samples hold them. Rows are
-    never joined: padding-free pairs come later."""
+def pack_pairs(samples: Samples, max_len: int, seed: int) -> Samples:
+    """Whole pairs packed into rows of at most `max_len` tokens (seeded, greedy, as `pack`; a pair longer than that
+    alone in its row). In each row, pair j is segment 2j (its chosen side) and 2j+1 (its rejected side): each
+    restarts its positions and attends only within itself. A sample of the result is a packed row."""
+    rejected = samples.rejected
+    sides = Samples(
+        input_ids=[x for i in range(len(samples)) for x in (samples.input_ids[i], rejected.input_ids[i])],
+        labels=[x for i in range(len(samples)) for x in (samples.labels[i], rejected.labels[i])],
+    )
+    lengths = [len(samples.input_ids[i]) + len(rejected.input_ids[i]) for i in range(len(samples))]
+    joined = [concatenated(sides, [2 * i + s for i in g for s in (0, 1)]) for g in pack_groups(lengths, max_len, seed)]
+    return Samples(
+        input_ids=[j.input_ids[0] for j in joined],
+        labels=[j.labels[0] for j in joined],
+        position_ids=[j.position_ids[0] for j in joined],
+        seq_ids=[j.seq_ids[0] for j in joined],
+        dropped=samples.dropped,
+    )
 
-    pad_id: int
 
-    def __call__(self, samples: Samples, ids: np.ndarray | list[int]) -> dict[str, torch.Tensor]:
-        ids = [int(i) for i in ids]
-        rejected = samples.rejected
-        rows = Samples(
-            input_ids=[samples.input_ids[i] for i in ids] + [rejected.input_ids[i] for i in ids],
-            labels=[samples.labels[i] for i in ids] + [rejected.labels[i] for i in ids],
-        )
-        batch = collate(rows, list(range(2 * len(ids))), self.pad_id)
-        if samples.margins is not None:
-            batch["margin"] = torch.from_numpy(samples.margins[ids]).float()
-        stored = samples.reference_logps
-        if stored is not None:  # precomputed reference: each row's stored log-prob, by its pair's sample id
-            batch["reference_logps"] = torch.from_numpy(np.concatenate([stored[ids, 0], stored[ids, 1]]))
-        return batch
+def pairs_in(samples: Samples) -> int:
+    """How many pairs a preference split holds: one per sample, or two segments each in packed rows."""
+    if samples.seq_ids is None:
+        return len(samples)
+    return sum((int(s.max()) + 1) // 2 for s in samples.seq_ids)

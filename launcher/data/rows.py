@@ -140,12 +140,75 @@ def _check_texts(row: Row, fmt: str, where: str) -> list[str]:
     return [f"{where}: field '{k}' must be text, got {type(row[k]).__name__} {row[k]!r}" for k in bad]
 
 
+def implicit_prompt(chosen: Any, rejected: Any) -> tuple[Any, Any, Any]:
+    """(prompt, chosen, rejected) of a pair given without a prompt, as TRL's extract_prompt splits it: the longest
+    shared prefix of the two message lists (or texts) is the prompt, what follows is each completion. In text, a
+    split inside a word moves back to the word's start (so each completion tokenises as whole words; TRL reaches
+    the same tokens by comparing token ids), and a space just before the split goes to the completions (as TRL)."""
+    n = min(len(chosen), len(rejected))
+    idx = next((i for i in range(n) if chosen[i] != rejected[i]), n)
+    if isinstance(chosen, str) and idx < n:
+        while idx > 0 and not chosen[idx - 1].isspace():
+            idx -= 1
+        if idx > 0 and chosen[idx - 1] == " ":
+            idx -= 1
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+def with_prompt(row: Row) -> Row:
+    """The row with its prompt: given, or the shared prefix of `chosen` and `rejected` (see implicit_prompt)."""
+    if row.get("prompt") is not None:
+        return row
+    prompt, chosen, rejected = implicit_prompt(row["chosen"], row["rejected"])
+    return {**row, "prompt": prompt, "chosen": chosen, "rejected": rejected}
+
+
+def _check_implicit(row: Row, where: str) -> list[str]:
+    """A pair without a prompt: two texts or two message lists that share a prefix and differ after it."""
+    chosen, rejected = row["chosen"], row["rejected"]
+    kinds = {type(chosen), type(rejected)}
+    if kinds not in ({str}, {list}):
+        return [f"{where}: without a 'prompt', 'chosen' and 'rejected' must both be text or both message lists"]
+    if kinds == {list}:
+        problems = _check_messages(chosen, where, "chosen", needs_assistant=False)
+        problems += _check_messages(rejected, where, "rejected", needs_assistant=False)
+        if problems:
+            return problems
+    if chosen == rejected:
+        return [f"{where}: 'chosen' equals 'rejected': the pair prefers nothing"]
+    prompt, chosen_tail, rejected_tail = implicit_prompt(chosen, rejected)
+    if not prompt:
+        return [
+            f"{where}: no 'prompt', and 'chosen' and 'rejected' share no prefix to take as one (nothing to "
+            "condition on): give a 'prompt' field, or start both with the same turns"
+        ]
+    empty = [side for side, tail in (("chosen", chosen_tail), ("rejected", rejected_tail)) if not _text(tail).strip()]
+    if empty:
+        return [f"{where}: '{empty[0]}' is empty after the prefix it shares with the other side (the implicit prompt)"]
+    return []
+
+
+def _text(value: Any) -> str:
+    """A completion's text: itself, or its messages' contents."""
+    if isinstance(value, str):
+        return value
+    return "".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+
+
 def check_pair(row: Row, where: str) -> list[str]:
     """A preference row: a prompt (text or messages), and two different, non-empty completions (text, or assistant
-    messages after a message prompt)."""
+    messages after a message prompt). Without a prompt, the prefix `chosen` and `rejected` share is the prompt."""
+    if row.get("prompt") is None and row.get("chosen") is not None and row.get("rejected") is not None:
+        problems = _check_implicit(row, where)
+        if problems:
+            return problems
+        row = with_prompt(row)
     missing = [k for k in REQUIRED_FIELDS["preference"] if row.get(k) is None]
     if missing:
-        return [f"{where}: missing field(s) {', '.join(missing)} (format 'preference' needs prompt, chosen, rejected)"]
+        return [
+            f"{where}: missing field(s) {', '.join(missing)} (format 'preference' needs prompt, chosen, rejected; "
+            "or chosen and rejected alone, sharing the prompt as their prefix)"
+        ]
     prompt = row["prompt"]
     if isinstance(prompt, list):
         problems = _check_messages(prompt, where, "prompt", needs_assistant=False)
@@ -159,7 +222,7 @@ def check_pair(row: Row, where: str) -> list[str]:
             if not found and any(m["role"] != "assistant" for m in value):
                 found = [f"{where}: '{side}' messages must all be assistant turns"]
             problems += found
-            texts[side] = "".join(str(m.get("content", "")) for m in value if isinstance(m, dict))
+            texts[side] = _text(value)
         elif isinstance(value, str):
             texts[side] = value
         else:

@@ -10,7 +10,7 @@ import numpy as np
 from launcher.config import Config
 from launcher.data.columns import RowShape, rendered_as
 from launcher.data.formats import require_chat_template, require_tool_calls
-from launcher.data.preference import tokenize_pairs, uses_messages
+from launcher.data.preference import pack_pairs, tokenize_pairs, uses_messages
 from launcher.data.rows import load_split
 from launcher.data.tokenized import (
     Samples,
@@ -155,9 +155,11 @@ def check_dropped(samples: Samples, total: int, cfg: Config, field: str) -> Samp
 
 def finish_split(samples: Samples, cfg: Config, training: bool) -> Samples:
     """Pack the training split when asked (eval stays unpacked: its loss is per sample). A multi-task split is
-    packed task by task, so that each packed row belongs to one task."""
+    packed task by task, so that each packed row belongs to one task; a preference split pair by pair."""
     if not (training and cfg.data.packing):
         return samples
+    if samples.rejected is not None:  # preference pairs: a packed row holds whole pairs
+        return pack_pairs(samples, cfg.data.max_seq_len, cfg.train.seed)
     if samples.tasks is None:
         return pack(samples, cfg.data.max_seq_len, cfg.train.seed)
     ids = [np.flatnonzero(samples.tasks == t) for t in range(int(samples.tasks.max()) + 1)]

@@ -166,16 +166,7 @@ def pack(samples: Samples, max_len: int, seed: int) -> Samples:
     into a block-diagonal causal mask, so no token attends across samples. The first label of every
     sample is masked: in the unpacked row nothing predicts a sample's first token either.
     """
-    order = np.random.default_rng(seed).permutation(len(samples))
-    rows: list[list[int]] = [[]]
-    lengths = [0]
-    for i in order:
-        n = len(samples.input_ids[i])
-        if lengths[-1] + n > max_len and rows[-1]:
-            rows.append([])
-            lengths.append(0)
-        rows[-1].append(int(i))
-        lengths[-1] += n
+    rows = pack_groups([len(x) for x in samples.input_ids], max_len, seed)
     joined = [concatenated(samples, members) for members in rows]
     return Samples(
         input_ids=[j.input_ids[0] for j in joined],
@@ -184,6 +175,21 @@ def pack(samples: Samples, max_len: int, seed: int) -> Samples:
         seq_ids=[j.seq_ids[0] for j in joined],
         dropped=samples.dropped,
     )
+
+
+def pack_groups(lengths: list[int], max_len: int, seed: int) -> list[list[int]]:
+    """Which samples each packed row holds: a seeded shuffle, filled greedily up to `max_len` tokens (a sample
+    longer than that alone in its row)."""
+    order = np.random.default_rng(seed).permutation(len(lengths))
+    rows: list[list[int]] = [[]]
+    filled = 0
+    for i in order:
+        if filled + lengths[i] > max_len and rows[-1]:
+            rows.append([])
+            filled = 0
+        rows[-1].append(int(i))
+        filled += lengths[i]
+    return rows
 
 
 def concatenated(samples: Samples, ids: list[int]) -> Samples:

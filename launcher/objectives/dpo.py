@@ -1,14 +1,15 @@
 """Direct preference optimisation (DPO) on preference pairs, against the reference objective.reference names
 (launcher/objectives/reference.py: the adapter switched off, a frozen copy, or precomputed log-probs).
 
-A batch holds n pairs as 2n rows: the chosen completions, then the rejected ones (launcher/data/preference.py).
+A batch holds n pairs as 2n sequences: the chosen completions, then the rejected ones, as padded rows, one
+padding-free row or packed rows; the batch's `sequence_ids` say which token is which (launcher/data/preference.py).
 With π the policy's and ρ the reference's summed log-probability of a completion given its prompt, each pair's
 margin is m = (π_c − ρ_c) − (π_r − ρ_r), and its loss (TRL 1.16's definitions; ε = label_smoothing):
   sigmoid  −logσ(β·m)·(1−ε) − logσ(−β·m)·ε          (ε > 0: conservative DPO)
   ipo      (m̄ − 1/(2β))², m̄ on log-ratios averaged over each completion's tokens (as TRL)
   hinge    relu(1 − β·m)
 The summed loss is normalised by pairs. The log-probs come from the label-only output layer of launcher/loss.py
-(label positions only, in chunks, one sum per row) where the model has it, else from the model's full logits.
+(label positions only, in chunks, one sum per sequence) where the model has it, else from the model's full logits.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from launcher.attention import NAME as SEGMENT_ATTENTION
 from launcher.config import Config
 from launcher.data import PairCollator
+from launcher.data.pair_batches import pair_count
 from launcher.loss import TaskLosses
 from launcher.objectives.base import Batch, LossSum, Objective, TrainingStart
 from launcher.objectives.reference import reference_for, sequence_logps
@@ -63,12 +66,15 @@ class DPO(Objective):
         self.reference.start(start)
 
     def collator(self, tokenizer: Any, model_config: Any, may_concatenate: bool) -> PairCollator:
-        """Pairs stay padded rows (padding-free pairs come later, so `may_concatenate` is not used)."""
-        return PairCollator(tokenizer.pad_token_id)
+        """Pairs padded, or concatenated padding-free where that computes less (as SFT's rows); packed rows when
+        the split was packed."""
+        width = getattr(model_config, "hidden_size", 0) if may_concatenate else 0
+        segmented = getattr(model_config, "_attn_implementation", None) == SEGMENT_ATTENTION
+        return PairCollator(tokenizer.pad_token_id, int(width or 0), segmented)
 
     def loss_units(self, batch: Batch) -> int:
         """Pairs."""
-        return int(batch["input_ids"].shape[0]) // 2
+        return pair_count(batch)
 
     def reference_logps(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         """The reference's per-row log-probs, no graph. A forward goes through the strategy's module for a forward

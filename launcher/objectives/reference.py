@@ -23,8 +23,9 @@ from torch import nn
 from launcher.config import Config
 from launcher.data import Samples
 from launcher.data.formats import IGNORE
+from launcher.data.pair_batches import sequence_index
 from launcher.data.reference_logps import load_logps, logps_path, save_logps
-from launcher.loss import causal_lm_loss_by_row
+from launcher.loss import causal_lm_loss_by_segment
 from launcher.methods import method_for
 from launcher.metrics import log
 from launcher.model import weights_fingerprint
@@ -32,8 +33,12 @@ from launcher.objectives.base import Batch, TrainingStart
 
 
 def sequence_logps(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's summed log-probability of its label tokens (fp32), and how many label tokens it has."""
-    return -causal_lm_loss_by_row(model, batch), (batch["labels"][:, 1:] != IGNORE).sum(1)
+    """Each sequence's summed log-probability of its label tokens (fp32), and how many label tokens it has: 2n
+    values for n pairs, the chosen sides then the rejected ones, whatever the batch's layout (padded, one
+    padding-free row, packed rows: launcher/data/preference.py)."""
+    segments, count = sequence_index(batch)
+    labelled = segments[:, 1:][batch["labels"][:, 1:] != IGNORE]
+    return -causal_lm_loss_by_segment(model, batch, segments, count), torch.bincount(labelled, minlength=count)
 
 
 class Reference(ABC):

@@ -37,11 +37,11 @@ TRAITS = {
         tasks=("sequence_classification",),
         settings=(),
     ),
-    # preference pairs (issue 18); reward models run under single/DDP so far
+    # preference pairs (issue 18): a packed row holds whole pairs; reward models run unpacked under single/DDP so far
     "dpo": ObjectiveTraits(
         "dpo",
         ("preference",),
-        packs=False,
+        packs=True,
         head="LM head",
         pairs=True,
         reference=True,
@@ -50,12 +50,12 @@ TRAITS = {
     "simpo": ObjectiveTraits(
         "simpo",
         ("preference",),
-        packs=False,
+        packs=True,
         head="LM head",
         pairs=True,
         settings=("beta", "gamma", "label_smoothing", "sft_weight"),
     ),
-    "orpo": ObjectiveTraits("orpo", ("preference",), packs=False, head="LM head", pairs=True, settings=("beta",)),
+    "orpo": ObjectiveTraits("orpo", ("preference",), packs=True, head="LM head", pairs=True, settings=("beta",)),
     "reward": ObjectiveTraits(
         "reward",
         ("preference",),
