@@ -104,23 +104,46 @@ COLUMNS_HELP = (
 )
 
 
-class TaskSource(_Section):
+class DataSource(_Section):
+    """One source of rows given as a mapping: a local file, glob or directory, or a hub dataset with its split,
+    subset and revision."""
+
+    path: str = Field(
+        description="A data file (JSONL, JSON, CSV, Parquet, Arrow), a glob or directory of such shards, a "
+        "`save_to_disk` directory, or a hub dataset id (read through the Hugging Face cache)."
+    )
+    split: str | None = Field(
+        None, description="Hub dataset, dataset directory or saved DatasetDict: the split (data.train: 'train')."
+    )
+    subset: str | None = Field(None, description="Hub dataset: its subset (the config name).")
+    revision: str | None = Field(None, description="Hub dataset: a branch, tag or commit.")
+
+
+class TaskSource(DataSource):
     """One task of a multi-task run (an item of data.train)."""
 
-    path: str = Field(description="The task's training file: JSONL, JSON, CSV or Parquet.")
     format: DataFormat | None = Field(None, description="How its rows are rendered; defaults to data.format.")
     columns: dict[str, str] | None = Field(None, description=COLUMNS_HELP + " Defaults to data.columns.")
     weight: float = Field(1.0, gt=0, description="Its share of every global batch (weights are normalised).")
     name: str | None = Field(None, description="Name in metrics (`loss/<name>`); defaults to the file's stem.")
 
 
+SOURCE_HELP = (
+    "A data file (JSONL, JSON, CSV, Parquet, Arrow), a glob or directory of shards, a `save_to_disk` directory or "
+    "a hub dataset id; or {path, split, subset, revision} (docs/data.md)."
+)
+
+
 class DataConfig(_Section):
-    train: str | list[str] | list[TaskSource] = Field(
+    train: str | DataSource | list[str] | list[TaskSource] = Field(
         "",
-        description="Training file(s): JSONL, JSON, CSV or Parquet. A list of {path, format, weight, name} is "
-        "a multi-task mix: each global batch draws the tasks by weight, and each task's loss is logged.",
+        description="Training data. "
+        + SOURCE_HELP
+        + " A list of them is read as one split; a list of {path, split, subset, revision, format, weight, "
+        "name, columns} is a multi-task mix: each global batch draws the tasks by weight, and each task's loss "
+        "is logged.",
     )
-    eval: str | list[str] | None = Field(None, description="Optional held-out file(s).")
+    eval: str | DataSource | list[str] | None = Field(None, description="Optional held-out data. " + SOURCE_HELP)
     eval_fraction: float = Field(0.0, ge=0, lt=1, description="Split this share of train off as eval.")
     format: DataFormat = Field(
         "chat",
@@ -142,10 +165,10 @@ class DataConfig(_Section):
         "same loss, no padding work.",
     )
     mask_prompt: bool = Field(True, description="Only answer tokens carry loss.")
-    reference: str | None = Field(
+    reference: str | DataSource | None = Field(
         None,
-        description="Forgetting: rows unrelated to the task (text or chat); their loss is measured before "
-        "training and at every eval (`reference_loss`), and its rise reported at the end.",
+        description="Forgetting: rows unrelated to the task (text or chat), given as data.train is; their loss "
+        "is measured before training and at every eval (`reference_loss`), and its rise reported at the end.",
     )
     reference_format: Literal["text", "chat"] = Field("text", description="Format of data.reference rows.")
     max_dropped_fraction: float = Field(
@@ -163,9 +186,15 @@ class DataConfig(_Section):
         return None
 
     def task_names(self) -> list[str] | None:
-        """Metric names of the tasks: `name`, else the file's stem."""
+        """Metric names of the tasks: `name`, else the file's stem (a glob's: its folder's name)."""
         tasks = self.tasks()
-        return None if tasks is None else [t.name or Path(t.path).stem for t in tasks]
+        return None if tasks is None else [t.name or _stem(t.path) for t in tasks]
+
+
+def _stem(path: str) -> str:
+    """A short name for a data source: a file's stem, a glob's folder, a hub id's dataset name."""
+    p = Path(path.rstrip("/"))
+    return p.parent.name if any(c in p.name for c in "*?[") else p.stem
 
 
 class ObjectiveConfig(_Section):

@@ -21,7 +21,7 @@ def cross_field_problems(cfg: Config, cuda: bool) -> list[str]:
     if not cfg.model.path:
         p.append("model.path: required (a local Hugging Face model directory or hub id)")
     if not cfg.data.train:
-        p.append("data.train: required (a JSONL/JSON/CSV/Parquet file or a list of them)")
+        p.append("data.train: required (a data file, glob, directory, saved or hub dataset, or a list of files)")
     if cfg.train.max_steps is None and cfg.train.epochs is None:
         p.append("train.max_steps / train.epochs: set at least one (both are unset)")
     if not math.log2(cfg.train.fp16_initial_scale).is_integer():

@@ -29,7 +29,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         cfg = Config.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(problems + pydantic_problems(err)) from None
-    problems += cross_field_problems(cfg, cuda_available() if cuda is None else cuda)
+    if cuda is None:  # only fp16 asks; importing torch for nothing would cost `ftl validate` seconds
+        cuda = cfg.train.precision == "fp16" and cuda_available()
+    problems += cross_field_problems(cfg, cuda)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -108,6 +108,7 @@ def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
         eval=_finish(evals, cfg, training=False) if evals is not None else None,
         reference=ref,
         task_names=cfg.data.task_names(),
+        origins=raw.origins,
     )
 
 

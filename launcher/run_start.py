@@ -9,7 +9,6 @@ import torch
 
 from launcher.config import Config
 from launcher.data import Collator, GlobalBatchSampler
-from launcher.data.preference import pairs_in
 from launcher.dist import DistEnv, all_reduce_sum, all_reduce_tensor
 from launcher.estimate import resolve_checkpointing, resolve_reference
 from launcher.launch.allocator import active_allocator
@@ -41,18 +40,31 @@ def describe_start(run: RunContext) -> None:
         lrs = group_lrs(strategy.optimizer)
         if len(lrs) > 1:
             log("peak LR per group: " + " ".join(f"{k}={v:.3g}" for k, v in lrs.items()))
-        train, pairs = run.data.train, run.objective.traits.pairs
+        pairs = run.objective.traits.pairs
         unit = "pairs" if pairs else "samples"  # a preference sample is a pair of rows
-        if pairs:
-            kept = pairs_in(train)
-            log(f"data.train: {kept + train.dropped} pairs read, {kept} kept")
-            unit = "packed rows of whole pairs" if cfg.data.packing else unit
+        unit = "packed rows of whole pairs" if pairs and cfg.data.packing else unit
+        describe_data(run)
         log(
             f"global batch = {cfg.train.micro_batch_size} micro × {cfg.train.grad_accum} accum × "
             f"{env.dp_size} data-parallel ranks = {sampler.global_batch} {unit}; "
             f"{sampler.steps_per_epoch} steps/epoch; {steps} steps"
         )
         describe_tasks(cfg, sampler)
+
+
+def describe_data(run: RunContext) -> None:
+    """Per split: where its rows came from, how many were read and how many are kept (after eval_fraction and
+    truncation)."""
+    data, cfg = run.data, run.cfg
+    origins = data.origins or {}
+    held = origins["data.eval"][1] if cfg.data.eval_fraction > 0 else 0
+    for field, (where, read) in origins.items():
+        samples = {"data.train": data.train, "data.eval": data.eval, "data.reference": data.reference}[field]
+        out = held if field == "data.train" else 0
+        kept = read - out - (samples.dropped if samples is not None else 0)
+        unit = "pairs" if run.objective.traits.pairs and field != "data.reference" else "rows"
+        note = f" ({out} held out as data.eval)" if out else ""
+        log(f"{field}: {read} {unit} read, {kept} kept{note}; from {where}")
 
 
 def describe_tasks(cfg: Config, sampler: GlobalBatchSampler) -> None:

@@ -138,7 +138,17 @@ VALIDATE_CASES: dict[str, tuple[Setup, str]] = {
     "wandb-mode-unknown": (_set("logging.wandb.mode=sometimes"), "logging.wandb.mode"),
     # the data
     "data-missing": (_set("data.train=/nonexistent/train.jsonl"), "data.train: file not found"),
-    "data-is-a-directory": (lambda d: [f"data.train={d}"], "is a directory"),
+    "data-empty-directory": (lambda d: (d / "empty").mkdir() or [f"data.train={d / 'empty'}"], "with no data files"),
+    "data-directory-of-other-files": (lambda d: [f"data.train={d}"], "cfg.yaml: unsupported file type '.yaml'"),
+    "data-glob-matches-nothing": (lambda d: [f"data.train={d}/shards/*.parquet"], "data.train: no file matches"),
+    "data-split-on-a-file": (
+        lambda d: [*_rows([OK])(d), f"data.train={{path: {d / 'rows.jsonl'}, split: train}}"],
+        "`split` and `subset` apply to hub datasets and dataset directories",
+    ),
+    "data-revision-on-a-local-path": (
+        lambda d: [f"data.train={{path: {d}, revision: main}}"],
+        "is local: `revision` applies to hub datasets",
+    ),
     "data-unsupported-type": (_data("rows.txt", "hello\n"), "unsupported file type"),
     "data-empty": (_data("rows.jsonl", "\n\n"), "no rows"),
     "jsonl-malformed-line": (_data("rows.jsonl", json.dumps(OK) + '\n{"prompt": \n'), "rows.jsonl line 2"),

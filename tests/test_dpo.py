@@ -125,7 +125,9 @@ def test_dpo_learns_the_preference(tmp_path: Path, models: dict) -> None:
     (evaluated,) = [r for r in rows if "eval_loss" in r]
     assert evaluated["eval_loss"] < LN2 and evaluated["eval_rewards/accuracies"] >= 0.75
     assert all(f"eval_{name}" in evaluated for name in METRICS)
-    assert "data.train: 48 pairs read, 48 kept" in res.stderr and "= 4 pairs;" in res.stderr
+    assert "data.train: 64 pairs read, 48 kept (16 held out as data.eval); from " in res.stderr
+    assert "data.eval: 16 pairs read, 16 kept; from data.eval_fraction=0.25 of data.train" in res.stderr
+    assert "= 4 pairs;" in res.stderr
 
 
 @pytest.mark.parametrize("width", [0, 10**6], ids=["padded", "padding_free"])

@@ -11,7 +11,7 @@ from launcher.config import Config
 from launcher.data.columns import RowShape, rendered_as
 from launcher.data.formats import require_chat_template, require_tool_calls
 from launcher.data.preference import pack_pairs, tokenize_pairs, uses_messages
-from launcher.data.rows import load_split
+from launcher.data.rows import Source, load_split, origin
 from launcher.data.tokenized import (
     Samples,
     cache_key,
@@ -38,6 +38,7 @@ class RawSplits:
     reference: list[dict] | None = None
     train_parts: list[int] | None = None
     eval_parts: list[int] | None = None
+    origins: dict[str, tuple[str, int]] | None = None  # per split: where its rows came from, how many were read
 
 
 @dataclass
@@ -48,6 +49,7 @@ class DataSplits:
     eval: Samples | None
     reference: Samples | None = None  # data.reference: every token carries loss (forgetting)
     task_names: list[str] | None = None  # multi-task: Samples.tasks index these
+    origins: dict[str, tuple[str, int]] | None = None  # per split: where its rows came from, how many were read
 
 
 def read_splits(cfg: Config) -> RawSplits:
@@ -55,10 +57,10 @@ def read_splits(cfg: Config) -> RawSplits:
     d = cfg.data
     problems: list[str] = []
 
-    def load(paths: str | list[str], fmt: str, field: str, columns: dict[str, str] | None = None) -> list[dict]:
+    def load(sources: Source | list[str], fmt: str, field: str, columns: dict[str, str] | None = None) -> list[dict]:
         shape = RowShape(fmt, d.columns if columns is None else columns, d.system_prompt)
         try:
-            return load_split(paths, shape, field, cfg.model.num_labels)
+            return load_split(sources, shape, field, cfg.model.num_labels)
         except ConfigError as err:
             problems.extend(err.problems)
             return []
@@ -67,23 +69,41 @@ def read_splits(cfg: Config) -> RawSplits:
     if tasks is None:
         parts = [load(d.train, d.format, "data.train")]
     else:
-        parts = [load(t.path, t.format or d.format, f"data.train[{i}]", t.columns) for i, t in enumerate(tasks)]
+        parts = [load(t, t.format or d.format, f"data.train[{i}]", t.columns) for i, t in enumerate(tasks)]
     evals = load(d.eval, d.format, "data.eval") if d.eval else None
     reference = load(d.reference, d.reference_format, "data.reference", {}) if d.reference else None
     if problems:
         raise ConfigError(problems)
+    origins = _origins(cfg, parts, evals, reference)
     eval_parts = None
     if d.eval_fraction > 0:
         cut = [_split_off(rows, d.eval_fraction, cfg.train.seed) for rows in parts]
         parts, held = [kept for kept, _ in cut], [out for _, out in cut]
         evals, eval_parts = [r for rows in held for r in rows], [len(rows) for rows in held]
+        origins["data.eval"] = (f"data.eval_fraction={d.eval_fraction:g} of data.train", len(evals))
     return RawSplits(
         train=[r for rows in parts for r in rows],
         eval=evals,
         reference=reference,
         train_parts=None if tasks is None else [len(rows) for rows in parts],
         eval_parts=None if tasks is None else eval_parts,
+        origins=origins,
     )
+
+
+def _origins(cfg: Config, parts: list[list[dict]], evals: list[dict] | None, reference: list[dict] | None) -> dict:
+    """{split: (where its rows came from, rows read)}; a multi-task train names each task's source."""
+    d, tasks = cfg.data, cfg.data.tasks()
+    if tasks is None:
+        found = {"data.train": (origin(d.train, "data.train"), len(parts[0]))}
+    else:
+        where = [f"[{i}] {origin(t, f'data.train[{i}]')}: {len(rows)}" for i, (t, rows) in enumerate(zip(tasks, parts))]
+        found = {"data.train": ("; ".join(where), sum(len(rows) for rows in parts))}
+    if evals is not None:
+        found["data.eval"] = (origin(d.eval, "data.eval"), len(evals))
+    if reference is not None:
+        found["data.reference"] = (origin(d.reference, "data.reference"), len(reference))
+    return found
 
 
 def _split_off(rows: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
