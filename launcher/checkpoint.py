@@ -119,8 +119,9 @@ def _fsync_dir(path: Path) -> None:
 class CheckpointManager:
     """Saves, finds, loads and prunes checkpoints of one run. Every rank holds one."""
 
-    def __init__(self, cfg: Config, env: DistEnv, strategy_name: str):
+    def __init__(self, cfg: Config, env: DistEnv, strategy_name: str, data: dict[str, str] | None = None):
         self.cfg = cfg
+        self.data = data or {}  # each split's fingerprint (its token cache key), recorded and checked on resume
         self.env = env
         self.strategy_name = strategy_name
         self.run = run_dir_of(cfg)
@@ -198,6 +199,7 @@ class CheckpointManager:
             "strategy": self.strategy_name,
             "ftl_version": __version__,
             "config_hash": config_hash(self.cfg),
+            "data_fingerprints": self.data,
             "config": self.cfg.model_dump(mode="json"),
             "time": time.time(),
         }
@@ -320,8 +322,29 @@ class CheckpointManager:
                 f"distributed.strategy: checkpoint written by '{saved['strategy']}' cannot be "
                 f"loaded by '{self.strategy_name}'"
             )
+        problems += self._data_changes(saved.get("data_fingerprints") or {})
         if problems:
             raise ConfigError(problems)
+
+    def _data_changes(self, saved: dict[str, str]) -> list[str]:
+        """Splits whose tokenised data differ from those the checkpoint was trained on: problems, or (with
+        checkpoint.allow_data_change) a log line."""
+        d = self.cfg.data
+        sources = {"data.train": d.train, "data.eval": d.eval or "data.eval_fraction of data.train"}
+        changed = [
+            f"{field} ({sources[field]}): the data differ from the checkpoint's (fingerprint {old} -> {new})"
+            for field, old in saved.items()
+            if field in sources and (new := self.data.get(field)) is not None and new != old
+        ]
+        if changed and self.cfg.checkpoint.allow_data_change:
+            if self.env.is_main:
+                log(f"data changed since the checkpoint (checkpoint.allow_data_change): {'; '.join(changed)}")
+            return []
+        hint = (
+            "; the samples of step k would no longer be those the run trained on. Restore the data, use a new "
+            "output_dir, or set checkpoint.allow_data_change: true"
+        )
+        return [c + hint for c in changed]
 
 
 def harmless_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:

@@ -208,6 +208,11 @@ class CheckpointConfig(_Section):
     max_minutes: float | None = Field(
         None, gt=0, description="Wall-clock guard: save and stop (exit 3) once a run has trained this long."
     )
+    allow_data_change: bool = Field(
+        False,
+        description="Resume even when the tokenised data differ from the checkpoint's (the samples of step k are "
+        "then not those the run trained on); logged. False: such a resume exits 2 naming the split.",
+    )
     stop_signals: list[str] = Field(
         ["SIGTERM", "SIGUSR1", "SIGINT"],
         description="Signals that mean: save a checkpoint at the next step, exit 3 (a second Ctrl-C aborts at once).",

@@ -109,6 +109,9 @@ def prepare_data(cfg: Config, tokenizer: Any) -> DataSplits:
         reference=ref,
         task_names=cfg.data.task_names(),
         origins=raw.origins,
+        fingerprints={
+            f: s.fingerprint for f, s in (("data.train", train), ("data.eval", evals)) if s and s.fingerprint
+        },
     )
 
 

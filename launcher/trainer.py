@@ -230,7 +230,8 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
     run.collate = make_collator(run, tokenizer)
     start_objective(run)  # from the starting weights: before any checkpoint loads
     l2sp = make_l2sp(strategy, cfg.train.l2sp.weight)
-    ckpt = CheckpointManager(cfg, env, strategy.name)  # (the L2-SP anchor is taken before any checkpoint loads)
+    # (the L2-SP anchor is taken before any checkpoint loads)
+    ckpt = CheckpointManager(cfg, env, strategy.name, data.fingerprints)
     resume_from = ckpt.resume_path()
     state = ckpt.load(strategy, resume_from) if resume_from else TrainState()
     describe_start(run)

@@ -77,3 +77,30 @@ def test_no_verified_checkpoint_left_or_a_corrupt_resume_path_exits_2(
     assert check.returncode == 0 and "not verifiable (no manifest)" in check.stdout, check.stdout + check.stderr
     code, log = finish(start(cfg, f"output_dir={other}"))
     assert code == 0 and "loaded unverified" in log and "at step 2" in log, log[-3000:]
+
+
+def test_a_resume_whose_data_changed_exits_2_unless_allowed(tmp_path: Path, models: dict, toy_data: dict) -> None:
+    """The checkpoint records each split's fingerprint; one row edited between the kill and the rerun: exit 2
+    naming data.train's file and both fingerprints; with checkpoint.allow_data_change it resumes, saying so."""
+    data = tmp_path / "data.jsonl"
+    data.write_text(toy_data["completion"].read_text())
+    cfg = base_config(
+        tmp_path,
+        models["llama"],
+        data,
+        train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 2},
+        checkpoint={"every_steps": 2},
+    )
+    path = write_config(tmp_path / "cfg.yaml", cfg)
+    run = tmp_path / "run"
+    kill_after(path, run, step=3)
+    saved = json.loads((run / "checkpoints" / "step-00000002" / "trainer_state.json").read_text())
+    before = saved["data_fingerprints"]["data.train"]
+    lines = data.read_text().splitlines()
+    data.write_text("\n".join([lines[0].replace("w", "w1", 1), *lines[1:]]) + "\n")
+    res = ftl("train", str(path))
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert f"data.train ({data}): the data differ from the checkpoint's (fingerprint {before} -> " in res.stderr
+    code, log = finish(start(path, "checkpoint.allow_data_change=true"))
+    assert code == 0 and "data changed since the checkpoint (checkpoint.allow_data_change)" in log, log[-3000:]
+    assert "at step 2" in log

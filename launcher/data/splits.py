@@ -50,6 +50,7 @@ class DataSplits:
     reference: Samples | None = None  # data.reference: every token carries loss (forgetting)
     task_names: list[str] | None = None  # multi-task: Samples.tasks index these
     origins: dict[str, tuple[str, int]] | None = None  # per split: where its rows came from, how many were read
+    fingerprints: dict[str, str] | None = None  # per split: its token cache key (checked on resume)
 
 
 def read_splits(cfg: Config) -> RawSplits:
@@ -122,9 +123,12 @@ def tokenize_split(
     fmt, mask_prompt = (d.reference_format, False) if field == "data.reference" else (fmt or d.format, d.mask_prompt)
     fmt = rendered_as(fmt)
     settings = {"format": fmt, "max_len": d.max_seq_len, "mask_prompt": mask_prompt}
-    path = token_cache_dir() / f"{cache_key(rows, tokenizer, settings)}.npz"
+    key = cache_key(rows, tokenizer, settings)
+    path = token_cache_dir() / f"{key}.npz"
     if path.exists():
-        return check_dropped(load_samples(path), len(rows), cfg, field)
+        samples = load_samples(path)
+        samples.fingerprint = key
+        return check_dropped(samples, len(rows), cfg, field)
     if not build:
         return None
     if fmt == "chat" or (fmt == "preference" and uses_messages(rows)):
@@ -136,6 +140,7 @@ def tokenize_split(
         samples = tokenize_rows(rows, fmt, tokenizer, d.max_seq_len, mask_prompt)
     if len(samples) > 0:
         save_samples(samples, path)
+    samples.fingerprint = key
     return check_dropped(samples, len(rows), cfg, field)
 
 

@@ -38,6 +38,7 @@ class Samples:
     margins: np.ndarray | None = None  # preference pairs with a `margin` column: each pair's (float64)
     # preference pairs under objective.reference precomputed: pair i's reference log-probs (chosen, rejected)
     reference_logps: np.ndarray | None = None
+    fingerprint: str | None = None  # the token cache key (rows, tokenizer, settings): a resume compares it
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -221,7 +222,15 @@ def merged(parts: list[Samples]) -> Samples:
         seq_ids=joined("seq_ids"),
         dropped=sum(p.dropped for p in parts),
         tasks=np.concatenate([np.full(len(p), t, dtype=np.int64) for t, p in enumerate(parts)]),
+        fingerprint=joined_fingerprint([p.fingerprint for p in parts]),
     )
+
+
+def joined_fingerprint(parts: list[str | None]) -> str | None:
+    """One fingerprint for several tasks' splits (None when one of them has none)."""
+    if any(p is None for p in parts):
+        return None
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 
 
 def subset(samples: Samples, ids: np.ndarray) -> Samples:
