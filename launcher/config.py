@@ -208,6 +208,11 @@ class CheckpointConfig(_Section):
     max_minutes: float | None = Field(
         None, gt=0, description="Wall-clock guard: save and stop (exit 3) once a run has trained this long."
     )
+    run_lock: Literal["auto", "flock", "file"] = Field(
+        "auto",
+        description="How rank 0 holds OUTPUT_DIR: flock, or a lock file with a heartbeat (for NFS/Lustre mounts "
+        "where flock is unsupported or only node-local); auto: the lock file on network file systems.",
+    )
     allow_data_change: bool = Field(
         False,
         description="Resume even when the tokenised data differ from the checkpoint's (the samples of step k are "

@@ -18,6 +18,7 @@ from launcher.data.splits import finish_split as _finish
 from launcher.data.splits import tokenize_split as _tokenize
 from launcher.data.tokenized import Samples, token_cache_dir
 from launcher.errors import ConfigError
+from launcher.metrics import log
 from launcher.run_dir import CONFIG_FILE, RunDir
 from launcher.run_lock import lock_output_dir
 from launcher.world import env_world
@@ -84,7 +85,7 @@ def prepare_output_dir(cfg: Config) -> Path:
     rank, _, _ = env_world()
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        lock_output_dir(out)
+        log(lock_output_dir(out, cfg.checkpoint.run_lock))
     check_output_dir(cfg)
     if rank == 0:
         tmp = out / f".{CONFIG_FILE}.tmp"
