@@ -2,6 +2,7 @@
 what was lost. Every cell but "W&B ids" must be 0 (W&B ids: 1 per trial).
 
     python scripts/chaos.py [--trials 20] [--strategies single,fsdp,zero3] [--seed 0] [--kills 2]
+                            [--faults kill,corrupt,stop]
 
 Each trial (seeded: `--seed S` replays a failure) kills a run up to --kills times, each time at a moment drawn
 uniformly over that attempt's own expected duration (start-up, then the steps it still has to do, from the
@@ -11,6 +12,12 @@ its kill is started afresh with a new draw, so every trial is hit at least once.
 kill: processes of the run still alive 10 s later are orphans; every checkpoint marked COMPLETE must hold
 its weights and trainer state. The last attempt runs to the end; its steps and final weights are compared
 with an uninterrupted run of the same config.
+
+Two faults that are not crashes join the kills (--faults): `corrupt` flips 8 bytes in the largest file of the
+latest complete checkpoint before the last attempt (detected: the log sets it aside as corrupt); `stop`, in 2-rank
+runs, ends one attempt by SIGSTOP to one rank once the attempt has logged a step (detected: every process ends
+with exit 5, hung, and the log names the stopped rank). Either way the run must still end equal to the
+uninterrupted one.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from helpers import base_config, build_model, reverse_rows, write_config, write_jsonl  # noqa: E402
-from resume_utils import final_weights, max_weight_diff  # noqa: E402
+from resume_utils import final_weights, flip_bytes, max_weight_diff  # noqa: E402
 
 STRATEGIES = {
     "single": (["distributed.strategy=single"], 0),
@@ -40,6 +47,8 @@ STRATEGIES = {
     "zero3": (["distributed.strategy=deepspeed", "distributed.zero_stage=3"], 2),
 }
 STEPS = 12
+HANG_MINUTES = 0.25  # distributed.hang_timeout_minutes of the chaos runs: a stopped rank is named within seconds
+EXIT_HUNG = 5
 
 
 def start(cfg: Path, run: Path, overrides: list[str], nproc: int) -> subprocess.Popen:
@@ -97,9 +106,34 @@ def kill_moment(rng: random.Random, timing: tuple[float, float], run: Path) -> f
     return rng.uniform(0.0, startup + training * (STEPS - done_steps(run)) / STEPS)
 
 
-def trial(cfg: Path, run: Path, name: str, rng: random.Random, timing: tuple[float, float], kills: int) -> dict:
+def stop_one_rank(cfg: Path, run: Path, overrides: list[str], nproc: int) -> tuple[int, int]:
+    """An attempt ended by SIGSTOP to rank 1 once it logged a step: (1 if it ended hung and named that rank,
+    orphans). The launcher kills the stopped rank itself."""
+    steps = lambda: sum(1 for _ in (run / "metrics.jsonl").open()) if (run / "metrics.jsonl").is_file() else 0  # noqa: E731
+    before = steps()
+    proc = start(cfg, run, overrides, nproc)
+    while proc.poll() is None and steps() <= before:
+        time.sleep(0.1)
+    ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
+    if proc.poll() is not None or not ranks:
+        return 0, 0
+    ranks[0].send_signal(signal.SIGSTOP)
+    code = proc.wait(timeout=HANG_MINUTES * 60 * 3 + 120)
+    log = (run.parent / f"{run.name}.log").read_text()
+    named = f"pid {ranks[0].pid}) not running" in log
+    time.sleep(3)
+    orphans = run_processes(run)
+    for p in orphans:
+        p.kill()
+    return int(code == EXIT_HUNG and named), len(orphans)
+
+
+def trial(
+    cfg: Path, run: Path, name: str, rng: random.Random, timing: tuple[float, float], kills: int, faults: set[str]
+) -> dict:
     overrides, nproc = STRATEGIES[name]
     out = {"kills": 0, "corrupt": 0, "failed_resumes": 0, "orphans": 0}
+    out |= {"corruptions": 0, "corruptions_detected": 0, "stops": 0, "stops_detected": 0}
     wanted, fresh_starts = rng.randint(1, kills), 0
     while out["kills"] < wanted:
         proc = start(cfg, run, overrides, nproc)
@@ -118,9 +152,22 @@ def trial(cfg: Path, run: Path, name: str, rng: random.Random, timing: tuple[flo
         for p in orphans:
             p.kill()
         out["corrupt"] += corrupt_checkpoints(run)
+    if "stop" in faults and nproc:
+        detected, orphans = stop_one_rank(cfg, run, overrides, nproc)
+        out["stops"] += 1
+        out["stops_detected"] += detected
+        out["orphans"] += orphans
+    complete = [p for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
+    if "corrupt" in faults and len(complete) >= 2 and not (run / "final").is_dir():  # one left to resume from
+        flip_bytes(max(complete))
+        out["corruptions"] += 1
+    mark = (run.parent / f"{run.name}.log").stat().st_size if (run.parent / f"{run.name}.log").exists() else 0
     proc = start(cfg, run, overrides, nproc)
     code = proc.wait(timeout=1800)
     out["failed_resumes"] += code != 0
+    with (run.parent / f"{run.name}.log").open() as f:
+        f.seek(mark)
+        out["corruptions_detected"] += int(out["corruptions"] > 0 and " is corrupt (" in f.read())
     return out
 
 
@@ -153,7 +200,7 @@ def compare(run: Path, ref: Path) -> dict[str, float]:
     }
 
 
-def chaos(root: Path, name: str, trials: int, seed: int, kills: int) -> dict[str, float]:
+def chaos(root: Path, name: str, trials: int, seed: int, kills: int, faults: set[str]) -> dict[str, float]:
     model = build_model(root / "model")
     data = write_jsonl(root / "data.jsonl", reverse_rows(96, seed=1))
     cfg = base_config(
@@ -164,17 +211,20 @@ def chaos(root: Path, name: str, trials: int, seed: int, kills: int) -> dict[str
         train={"max_steps": STEPS, "micro_batch_size": 2, "lr": 1e-2},
         checkpoint={"every_steps": 2, "keep_last": 2},
         logging={"every_steps": 1, "wandb": {"enabled": True, "project": "chaos"}},
+        distributed={"hang_timeout_minutes": HANG_MINUTES},
     )
     path = write_config(root / "cfg.yaml", cfg)
     timing = reference_timing(path, root, name)
     print(f"{name}: start-up {timing[0]:.1f} s, training {timing[1]:.1f} s", file=sys.stderr, flush=True)
     total = {"trials": trials, "kills": 0, "corrupt": 0, "failed_resumes": 0, "orphans": 0, "weight_diff": 0.0}
     total |= {"missing_steps": 0, "duplicated_steps": 0, "wandb_ids_max": 0}
+    total |= {"corruptions": 0, "corruptions_detected": 0, "stops": 0, "stops_detected": 0}
     for i in range(trials):
         run = root / f"trial{i}"
-        got = trial(path, run, name, random.Random(f"{seed}-{name}-{i}"), timing, kills)
+        got = trial(path, run, name, random.Random(f"{seed}-{name}-{i}"), timing, kills, faults)
         got |= compare(run, root / "ref") if got["failed_resumes"] == 0 else {}
-        for key in ("kills", "corrupt", "failed_resumes", "orphans", "missing_steps", "duplicated_steps"):
+        counted = ("kills", "corrupt", "failed_resumes", "orphans", "missing_steps", "duplicated_steps")
+        for key in (*counted, "corruptions", "corruptions_detected", "stops", "stops_detected"):
             total[key] += got.get(key, 0)
         total["weight_diff"] = max(total["weight_diff"], got.get("weight_diff", float("inf")))
         total["wandb_ids_max"] = max(total["wandb_ids_max"], got.get("wandb_ids", 0))
@@ -188,6 +238,7 @@ def main() -> None:
     ap.add_argument("--strategies", default="single,fsdp,zero3")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--kills", type=int, default=2, help="at most this many kills per trial")
+    ap.add_argument("--faults", default="kill,corrupt,stop", help="kill, and per trial: corrupt, stop (2 ranks)")
     args = ap.parse_args()
     os.environ.setdefault("WANDB_SILENT", "true")
     rows = []
@@ -195,9 +246,10 @@ def main() -> None:
         os.environ.setdefault("FTL_CACHE_DIR", str(Path(tmp) / "cache"))
         for name in args.strategies.split(","):
             (Path(tmp) / name).mkdir()
-            rows.append((name, chaos(Path(tmp) / name, name, args.trials, args.seed, args.kills)))
+            faults = set(args.faults.split(","))
+            rows.append((name, chaos(Path(tmp) / name, name, args.trials, args.seed, args.kills, faults)))
     cols = ["trials", "kills", "corrupt", "failed_resumes", "weight_diff", "missing_steps", "duplicated_steps"]
-    cols += ["wandb_ids_max", "orphans"]
+    cols += ["wandb_ids_max", "orphans", "corruptions", "corruptions_detected", "stops", "stops_detected"]
     print("| strategy | " + " | ".join(cols) + " |")
     print("| --- " * (len(cols) + 1) + "|")
     for name, t in rows:

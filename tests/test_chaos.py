@@ -1,4 +1,5 @@
-"""The short chaos run (scripts/chaos.py): random SIGKILLs of real runs, single and FSDP, lose nothing."""
+"""The short chaos run (scripts/chaos.py): random SIGKILLs, a corrupted checkpoint and (2 ranks) a stopped rank in
+real runs, single and FSDP, lose nothing."""
 
 from __future__ import annotations
 
@@ -24,3 +25,6 @@ def test_random_kills_lose_nothing() -> None:
         assert all(row[k] == "0" for k in zeros) and float(row["weight_diff"]) <= 1e-6, (name, row)
         assert row["wandb_ids_max"] == "1", (name, row)
         assert int(row["kills"]) >= 2, (name, row)  # every trial was hit
+        assert row["corruptions_detected"] == row["corruptions"], (name, row)  # each set aside, and recovered
+        assert row["stops_detected"] == row["stops"], (name, row)  # each named and ended with exit 5
+    assert int(table["fsdp"]["stops"]) == 2, table  # a stopped rank in every 2-rank trial
