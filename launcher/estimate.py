@@ -13,6 +13,9 @@ Bytes are counted per rank:
 - activations of one micro-batch at max_seq_len (the worst case): the tensors each layer keeps for
   backward, or with gradient checkpointing only each layer's input plus one layer recomputed;
 - the loss: ftl's label-only loss works in chunks (launcher/loss.py), other models get full logits;
+- the objective (launcher/objectives/traits.py memory_needs): a preference pair is two sequences, which
+  doubles activations and the loss's tokens; a reference's no-grad forward runs before the policy's and adds
+  only its excess; a resident reference copy adds its weights;
 - framework overhead: the CUDA context, or on CPU the interpreter and libraries, and the allocator's slack.
 """
 
@@ -27,7 +30,7 @@ from launcher.errors import ConfigError
 from launcher.loss_models import CHUNK_ELEMENTS, PLAIN_HEAD_MODELS
 from launcher.methods import method_for
 from launcher.methods.base import DTYPE_BYTES
-from launcher.objectives.traits import objective_name, objective_traits
+from launcher.objectives.traits import memory_needs, objective_name, objective_traits
 from launcher.strategies import resolve_strategy_name, sharding_alternatives
 from launcher.strategies.ds_config import stage_and_offload
 from launcher.strategies.traits import traits
@@ -125,16 +128,23 @@ def frozen_by_config(cfg: Config, shape: Shape, block: int) -> int:
     return bottom + (shape.vocab * shape.hidden if f.embeddings else 0)
 
 
-def activation_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
-    """Activations of one micro-batch at max_seq_len, and the loss's working set."""
-    tokens = cfg.train.micro_batch_size * cfg.data.max_seq_len
+def layer_bytes(cfg: Config, shape: Shape, tokens: int) -> float:
+    """The tensors one layer keeps for backward over `tokens` tokens."""
     act = 2 if cfg.train.precision in ("bf16", "fp16") else 4
     d, i, kv = shape.hidden, shape.intermediate, shape.hidden * shape.kv_heads // shape.heads
     per_layer = 9 * d + 3 * kv + 4 * i  # norms, q/k/v (+rotary), attention out, MLP gate/up/act/product
     per_layer += method_for(cfg).activation_elements(cfg, shape)  # e.g. LoRA's rank-r intermediates
-    full = tokens * per_layer * act
+    return tokens * per_layer * act
+
+
+def activation_bytes(cfg: Config, shape: Shape, sequences: int = 1) -> dict[str, float]:
+    """Activations of one micro-batch at max_seq_len, and the loss's working set; `sequences` per sample
+    (a preference pair is two)."""
+    tokens = cfg.train.micro_batch_size * sequences * cfg.data.max_seq_len
+    act = 2 if cfg.train.precision in ("bf16", "fp16") else 4
+    full = layer_bytes(cfg, shape, tokens)
     if cfg.train.gradient_checkpointing:
-        layers = tokens * d * act * shape.layers + full  # every layer's input, one layer recomputed
+        layers = tokens * shape.hidden * act * shape.layers + full  # every layer's input, one layer recomputed
     else:
         layers = full * shape.layers
     if cfg.data.packing:
@@ -144,6 +154,14 @@ def activation_bytes(cfg: Config, shape: Shape) -> dict[str, float]:
     else:
         loss = tokens * shape.vocab * (act + 4 + 4)
     return {"activations": layers, "loss": loss}
+
+
+def reference_forward_bytes(cfg: Config, shape: Shape, sequences: int) -> float:
+    """The peak of one no-grad reference forward: one layer's tensors at a time (nothing is kept for
+    backward) and the loss's working set. It runs before the policy's forward, so only its excess over the
+    policy's working set adds."""
+    tokens = cfg.train.micro_batch_size * sequences * cfg.data.max_seq_len
+    return layer_bytes(cfg, shape, tokens) + activation_bytes(cfg, shape, sequences)["loss"]
 
 
 def _strategy(cfg: Config, world: int) -> tuple[str, int, str]:
@@ -157,11 +175,14 @@ def _strategy(cfg: Config, world: int) -> tuple[str, int, str]:
 
 def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, float]:
     """Peak bytes per rank by component (offloaded parts count on CPU, where host memory is the memory)."""
-    p, a = parameter_bytes(cfg, shape), activation_bytes(cfg, shape)
+    p = parameter_bytes(cfg, shape)
+    needs = memory_needs(cfg, p["weights"])  # the objective's share: sequences per sample, its reference
+    a = activation_bytes(cfg, shape, needs.sequences)
     name, stage, offload = _strategy(cfg, world)
     declared = traits(name)
     split = declared.sharded_state(stage)
-    state = {"weights": p["weights"], "gradients": p["gradients"] * declared.gradient_copies}
+    weights = p["weights"] + needs.reference_weight_bytes
+    state = {"weights": weights, "gradients": p["gradients"] * declared.gradient_copies}
     state["optimizer"] = p["optimizer"]
     # DeepSpeed's ZeRO optimizer steps its own flat fp32 copy of the trained weights (even when they are fp32
     # already), partitioned like the optimizer state
@@ -193,6 +214,9 @@ def breakdown(cfg: Config, shape: Shape, world: int, cuda: bool) -> dict[str, fl
     working = parts["activations"] + parts["loss"] + parts.get("backward overlap", 0.0)
     if step > working:  # the step runs after backward freed the activations: only its excess adds
         parts["optimizer step"] = step - working
+    reference = needs.reference_forwards and reference_forward_bytes(cfg, shape, needs.sequences)
+    if reference > working:
+        parts["reference forward"] = reference - working
     parts["framework"] = CUDA_OVERHEAD if cuda else CPU_OVERHEAD
     parts["allocator slack"] = SLACK * sum(parts.values())
     return parts
@@ -355,10 +379,13 @@ def report(cfg: Config, world: int, cuda: bool, gpu: str | None, gpu_mem: float 
     total = sum(parts.values())
     family, stage, _ = _strategy(cfg, world)
     p = parameter_bytes(cfg, shape)
+    sequences = memory_needs(cfg, p["weights"]).sequences
+    per_sample = f" samples of {sequences} sequences" if sequences > 1 else ""
     lines = [
         f"model: {shape.model_type}, {p['params'] / 1e6:.1f}M parameters, {p['trainable'] / 1e6:.2f}M trainable "
         f"({method_for(cfg).name}); {family}{f' ZeRO-{stage}' if stage else ''} on {world} rank(s), "
-        f"{'CUDA' if cuda else 'CPU'}; micro batch {cfg.train.micro_batch_size} × {cfg.data.max_seq_len} tokens, "
+        f"{'CUDA' if cuda else 'CPU'}; micro batch {cfg.train.micro_batch_size}{per_sample} × {cfg.data.max_seq_len} "
+        f"tokens, "
         f"gradient checkpointing {'on' if cfg.train.gradient_checkpointing else 'off'}",
         *([auto_note] if auto_note else []),
         *([reference_note] if reference_note else []),

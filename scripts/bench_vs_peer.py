@@ -1,4 +1,4 @@
-"""Benchmark: ftl against its peer, TRL's SFTTrainer, on the same model, data and LoRA, in one run.
+"""Benchmark: ftl against its peer, TRL's SFTTrainer and DPOTrainer, on the same model, data and LoRA, in one run.
 
     pip install -e '.[bench]'          # TRL 1.16, the peer
     python scripts/bench_vs_peer.py [--model DIR] [--steps 12] [--repeats 3] [--rows 300]
@@ -8,7 +8,10 @@ chat rows (2–40 words per turn). Both sides: LoRA r=16 alpha 32 on all linear 
 max length 256, AdamW lr 1e-3, CPU. TRL runs with its defaults (gradient checkpointing on, padding), also
 with tcmalloc preloaded (the allocator ftl picks for itself); ftl with its defaults (padding-free batches,
 checkpointing `auto`) and with checkpointing forced on. Each run is its own process; runs are interleaved
-(every variant once, then again) so a slow spell of the machine hits every variant alike. Reported per
+(every variant once, then again) so a slow spell of the machine hits every variant alike. The DPO rows train
+on preference pairs made from the same chat rows (chosen: the reversed words, rejected: the words shuffled),
+as message lists, β 0.1 sigmoid; both sides' reference is the model with its LoRA adapter switched off, and
+both count the non-padding tokens of both sequences of a pair (`--only dpo` runs them alone). Reported per
 variant: useful (non-padding) tokens/s, the median over steps 2..N of one run, then the median and spread
 over repeats; peak RSS of the run's process tree; wall time of the whole process. `--peer` names the rows
 the ratios are taken against. Numbers, not assertions.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -70,6 +74,31 @@ print(json.dumps({"tokens_per_s": speed.speeds}))
 """
 
 
+# The TRL DPO side, run as `python -c TRL_DPO_RUN MODEL DATA STEPS BATCH 0 OUT`; prints {"tokens_per_s": [...]}.
+TRL_DPO_RUN = (
+    TRL_RUN.replace("SFTConfig", "DPOConfig")
+    .replace("SFTTrainer", "DPOTrainer")
+    .replace("packing=packing, ", "beta=0.1, loss_type=['sigmoid'], ")
+)
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """Preference pairs (message lists) from the chat rows: chosen the reference answer, rejected shuffled."""
+    rng = random.Random(seed)
+    rows = []
+    for row in chat_rows(n, 2, 40, seed):
+        user, answer = row["messages"]
+        words = answer["content"].split()
+        rejected = words[:]
+        while rejected == words and len(set(words)) > 1:
+            rng.shuffle(rejected)
+        if rejected == words:
+            rejected = [*words, words[0]]
+        reply = {"role": "assistant", "content": " ".join(rejected)}
+        rows.append({"prompt": [user], "chosen": [answer], "rejected": [reply]})
+    return rows
+
+
 def run_measured(args: list[str], out: Path, env: dict[str, str] | None = None) -> dict[str, float]:
     """Run a process, sampling the RSS of its whole tree every 50 ms; returns peak RSS (GB) and wall (s)."""
     t0, peak = time.perf_counter(), 0
@@ -91,18 +120,23 @@ def run_measured(args: list[str], out: Path, env: dict[str, str] | None = None) 
 def run_ftl(
     model: Path, data: Path, out: Path, steps: int, batch: int, mode: str, checkpointing: bool
 ) -> dict[str, float]:
-    """mode: padding-free (ftl's default for unpacked rows), padding (padding_free off) or packing."""
+    """mode: padding-free (ftl's default for unpacked rows), padding (padding_free off), packing, or dpo (pairs
+    with ftl's defaults)."""
+    data_cfg = {
+        "train": str(data),
+        "format": "chat",
+        "max_seq_len": 256,
+        "packing": mode == "packing",
+        "padding_free": mode == "padding-free",
+    }
+    if mode == "dpo":
+        data_cfg = {"train": str(data), "format": "preference", "max_seq_len": 256}
     cfg = {
         "output_dir": str(out),
         "model": {"path": str(model)},
         "method": {"kind": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}},
-        "data": {
-            "train": str(data),
-            "format": "chat",
-            "max_seq_len": 256,
-            "packing": mode == "packing",
-            "padding_free": mode == "padding-free",
-        },
+        "data": data_cfg,
+        **({"objective": {"kind": "dpo", "beta": 0.1, "loss_type": "sigmoid"}} if mode == "dpo" else {}),
         "train": {
             "max_steps": steps,
             "micro_batch_size": batch,
@@ -122,15 +156,16 @@ def run_ftl(
 
 
 def run_trl(
-    model: Path, data: Path, out: Path, steps: int, batch: int, packing: bool, tcmalloc: bool = False
+    model: Path, data: Path, out: Path, steps: int, batch: int, mode: str, tcmalloc: bool = False
 ) -> dict[str, float]:
-    argv = [str(model), str(data), str(steps), str(batch), "1" if packing else "0", str(out)]
+    """mode: padding or packing (SFTTrainer), or dpo (DPOTrainer)."""
+    argv = [str(model), str(data), str(steps), str(batch), "1" if mode == "packing" else "0", str(out)]
     env = None
     if tcmalloc:  # the peer given the same allocator ftl picks for itself (launcher/launch/allocator.py)
         from launcher.launch.allocator import find_tcmalloc
 
         env = dict(os.environ, LD_PRELOAD=find_tcmalloc() or "")
-    got = run_measured([sys.executable, "-c", TRL_RUN, *argv], out, env)
+    got = run_measured([sys.executable, "-c", TRL_DPO_RUN if mode == "dpo" else TRL_RUN, *argv], out, env)
     log = (out.parent / f"{out.name}.log").read_text().splitlines()
     speeds = json.loads(next(x for x in reversed(log) if x.startswith('{"tokens_per_s"')))["tokens_per_s"]
     got["tokens_per_s"] = statistics.median(speeds[1:])
@@ -148,6 +183,8 @@ VARIANTS: list[tuple[str, str, bool | str]] = [
     ("TRL + tcmalloc", "packing", True),
     ("ftl", "packing", "auto"),
     ("ftl", "packing", True),
+    ("TRL", "dpo", True),
+    ("ftl", "dpo", "auto"),
 ]
 
 
@@ -169,15 +206,17 @@ def main() -> None:
         args.model = ensure_model()[0]
     results: dict[tuple[str, str, bool], list[dict[str, float]]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory(prefix="ftl-bench-") as tmp:
-        data = Path(tmp) / "chat.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.rows, 2, 40)))
+        chat, pairs = Path(tmp) / "chat.jsonl", Path(tmp) / "pairs.jsonl"
+        chat.write_text("".join(json.dumps(r) + "\n" for r in chat_rows(args.rows, 2, 40)))
+        pairs.write_text("".join(json.dumps(r) + "\n" for r in pair_rows(args.rows)))
         for r in range(args.repeats):
             for who, mode, gc in variants:
                 out = Path(tmp) / f"{who}-{mode}-{gc}-{r}"
+                data = pairs if mode == "dpo" else chat
                 if who == "ftl":
                     got = run_ftl(args.model, data, out, args.steps, args.batch, mode, gc)
                 else:
-                    got = run_trl(args.model, data, out, args.steps, args.batch, mode == "packing", "tcmalloc" in who)
+                    got = run_trl(args.model, data, out, args.steps, args.batch, mode, "tcmalloc" in who)
                 results[(who, mode, gc)].append(got)
                 print(f"repeat {r} {who} {mode} checkpointing={gc}: {got}", file=sys.stderr, flush=True)
     print_table(results, args)
@@ -209,7 +248,7 @@ def print_table(results: dict[tuple[str, str, bool], list[dict[str, float]]], ar
     print("| --- | --- | --- | --- | --- | --- |")
     missing = [{"tokens_per_s": float("nan"), "rss_gb": float("nan")}]  # the peer was not run (--only)
     for v in list(results):
-        peer = (args.peer, "packing" if v[1] == "packing" else "padding", True)
+        peer = (args.peer, v[1] if v[1] in ("packing", "dpo") else "padding", True)
         results.setdefault(peer, missing)
         tps, rss = med(v, "tokens_per_s"), med(v, "rss_gb")
         print(

@@ -67,6 +67,7 @@ EXERCISED_BY: dict[str, str] = {
     r"python scripts/bench_strategies\.py( --\S+ \S+)*$": "scripts/bench_strategies.py",
     r"python scripts/bench_checkpoint\.py( --\S+ \S+)*$": "scripts/bench_checkpoint.py",
     r"python scripts/transfer_report\.py( --\S+ \S+)*$": "scripts/transfer_report.py",
+    r"python scripts/preference_report\.py( --\S+ \S+)*$": "scripts/preference_report.py",
     r"bash scripts/gpu_check\.sh$": "scripts/gpu_check.sh",
     r"make demo$": "Makefile::demo",
     r"make test$": "Makefile::test",  # and .ci/run runs it

@@ -179,3 +179,24 @@ def test_a_deepspeed_json_decides_the_stage_and_offload_as_in_training(
         assert json_note == field_note
     out = ftl("estimate", str(write_config(tmp_path / "c.yaml", by_json.model_dump(mode="json"))), "--nproc", "4")
     assert "deepspeed ZeRO-3 on 4 rank(s)" in out.stdout, out.stdout + out.stderr
+
+
+def test_a_pair_objective_doubles_the_activations(models: dict, toy_data: dict, tmp_path: Path) -> None:
+    """DPO's micro batch of n pairs runs 2n sequences: its activations and loss working set are SFT's at twice
+    the micro batch, exactly; the reference (the adapter switched off) adds no weights, and its no-grad forward,
+    run before the policy's, peaks below the policy's working set, so it adds nothing either."""
+    from launcher.estimate import reference_forward_bytes
+
+    shape = read_shape(str(models["llama"]))
+    lora = {"method": {"kind": "lora"}, "train": {"micro_batch_size": 4, "gradient_checkpointing": False}}
+    raw = base_config(tmp_path, models["llama"], toy_data["completion"], **lora)
+    sft = breakdown(Config.model_validate(raw), shape, 1, cuda=False)
+    pairs = {"objective": {"kind": "dpo"}, "data": {**raw["data"], "format": "preference"}}
+    dpo_cfg = Config.model_validate({**raw, **pairs})
+    dpo = breakdown(dpo_cfg, shape, 1, cuda=False)
+    twice = breakdown(Config.model_validate({**raw, "train": {**raw["train"], "micro_batch_size": 8}}), shape, 1, False)
+    assert dpo["activations"] == pytest.approx(2 * sft["activations"], rel=1e-12)
+    assert (dpo["activations"], dpo["loss"]) == (twice["activations"], twice["loss"])
+    assert dpo["weights"] == sft["weights"]
+    assert "reference forward" not in dpo
+    assert 0 < reference_forward_bytes(dpo_cfg, shape, 2) < dpo["activations"] + dpo["loss"]

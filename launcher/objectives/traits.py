@@ -79,6 +79,27 @@ KINDS = {  # objective.kind -> name
 }
 
 
+@dataclass(frozen=True)
+class MemoryNeeds:
+    """What an objective adds to `ftl estimate`'s per-rank peak beyond one sequence per sample."""
+
+    sequences: int = 1  # sequences per sample through the trained forward: scales activations and the loss
+    reference_forwards: int = 0  # no-grad reference forwards per micro-batch: transient, nothing kept for backward
+    reference_weight_bytes: float = 0.0  # a reference copy's weights held beside the policy (none: adapter off)
+
+
+def memory_needs(cfg: Config, weight_bytes: float) -> MemoryNeeds:
+    """What this run's objective costs `ftl estimate` (`weight_bytes`: the policy's weights per rank, what a
+    resident reference copy would cost). Pair objectives push both completions of each pair through the model;
+    an objective with a reference adds its no-grad forward (the adapter switched off, or a frozen copy), except
+    with reference log-probs precomputed before training. A frozen copy's weights are counted by the estimate as
+    their own row ("reference model": the copy is held unsharded, under single or DDP only)."""
+    declared = objective_traits(objective_name(cfg))
+    precomputed = cfg.objective is not None and cfg.objective.reference == "precomputed"
+    forwards = int(declared.reference and not precomputed)
+    return MemoryNeeds(sequences=2 if declared.pairs else 1, reference_forwards=forwards)
+
+
 def objective_name(cfg: Config) -> str:
     """The implementation this run trains with: objective.kind when given, else what model.task implies."""
     kind = cfg.objective.kind if cfg.objective is not None else None
