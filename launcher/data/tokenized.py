@@ -168,13 +168,17 @@ def pack(samples: Samples, max_len: int, seed: int) -> Samples:
     sample is masked: in the unpacked row nothing predicts a sample's first token either.
     """
     rows = pack_groups([len(x) for x in samples.input_ids], max_len, seed)
-    joined = [concatenated(samples, members) for members in rows]
+    return packed_rows([concatenated(samples, members) for members in rows], samples.dropped)
+
+
+def packed_rows(joined: list[Samples], dropped: int) -> Samples:
+    """One split of packed rows from single-row joins (`concatenated`): each keeps its positions and segments."""
     return Samples(
         input_ids=[j.input_ids[0] for j in joined],
         labels=[j.labels[0] for j in joined],
         position_ids=[j.position_ids[0] for j in joined],
         seq_ids=[j.seq_ids[0] for j in joined],
-        dropped=samples.dropped,
+        dropped=dropped,
     )
 
 
