@@ -171,7 +171,7 @@ class CheckpointManager:
             size = sum(p.stat().st_size for p in final.rglob("*") if p.is_file())
             seconds = time.perf_counter() - t0
             mib = size / 2**20
-            log(f"checkpoint step {state.step}: {final} ({mib:.1f} MiB, {seconds:.1f}s; checksums {hashing:.2f}s)")
+            log(f"checkpoint step {state.step}: {final} ({mib:.1f} MiB, {seconds:.2f}s; checksums {hashing:.3f}s)")
             self._prune()
         barrier(self.env)
         self.last_save_time = time.monotonic()
@@ -257,7 +257,7 @@ class CheckpointManager:
         has_manifest, problems = verify_share(path, self.env.rank, self.env.world_size)
         problems = all_lists(problems, self.env)
         if self.env.is_main and not problems and has_manifest:
-            log(f"{path.name}: checksums verified in {time.perf_counter() - t0:.2f}s")
+            log(f"{path.name}: checksums verified in {time.perf_counter() - t0:.3f}s")
         elif self.env.is_main and not problems:
             log(f"{path.name}: no checksum manifest (written before checkpoints were verified); loaded unverified")
         return problems
@@ -286,7 +286,7 @@ class CheckpointManager:
         log_fn = log if self.env.is_main else (lambda _msg: None)
         log_fn(
             f"resumed from {path} at step {saved['step']} (saved by {saved['world_size']} rank(s); "
-            f"loaded in {time.perf_counter() - t0:.2f}s)"
+            f"loaded in {time.perf_counter() - t0:.3f}s)"
         )
         changes = harmless_changes(saved["config"], self.cfg.model_dump(mode="json"))
         if changes:
