@@ -128,13 +128,15 @@ def stale_because(holder: dict, now: float) -> str | None:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:  # os.kill(0 or -1, 0) would ask about whole process groups
+        return False
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return pid > 0
+    return True
 
 
 def _keep_heartbeat(path: Path, me: dict) -> None:
