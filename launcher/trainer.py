@@ -271,11 +271,12 @@ def _train(cfg: Config, env: DistEnv, out_dir: Path, data: DataSplits, tokenizer
             with watchdog.phase("a checkpoint write"):
                 ckpt.save(strategy, state)
         if stopping:
-            watchdog.stop()
-            return stopped_early(run, writer, stop, state)
+            code = stopped_early(run, writer, stop, state)
+            watchdog.exiting(code)
+            return code
     with watchdog.phase("the final save"):
         code = finish(run, writer, state, tokenizer)
-    watchdog.stop()
+    watchdog.exiting(code)  # the process group's shutdown still waits for every rank
     return code
 
 

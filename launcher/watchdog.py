@@ -48,6 +48,7 @@ class Watchdog:
         self.step, self.last = step, time.monotonic()
         self.durations: deque[float] = deque(maxlen=100)
         self.current_phase: str | None = None
+        self.exit_code: int | None = None  # set once the run is over: a hang then only delays the exit
         self.done = threading.Event()
         self._write_heartbeat()  # at once: a rank stopped before its first beat is still named by pid
         self.thread = threading.Thread(target=self._watch, name="ftl-watchdog", daemon=True)
@@ -75,8 +76,13 @@ class Watchdog:
         return base * PHASE_MULTIPLE if self.current_phase else base
 
     def stop(self) -> None:
-        """The loop is over: no more watching (the heartbeat file stays, harmless, until the next run)."""
+        """No more watching (the heartbeat file stays, harmless, until the next run)."""
         self.done.set()
+
+    def exiting(self, code: int) -> None:
+        """The run is over with `code` (its exit recorded): keep watching the way out (the process group's
+        shutdown waits for every rank), and should a rank not get there, leave with `code`, not as hung."""
+        self.current_phase, self.exit_code, self.last = "the exit", code, time.monotonic()
 
     def _watch(self) -> None:
         while not self.done.wait(BEAT_SECONDS):
@@ -104,6 +110,10 @@ class Watchdog:
         live = [r for r, b in beats.items() if r not in {c[0] for c in culprits} and b is not None]
         reason = f"hung at step {self.step + 1}{where}: " + ("; ".join(c[1] for c in culprits) or "no rank named")
         log(reason)
+        if self.exit_code is not None:  # trained and recorded: the run is not hung, a rank's exit is
+            log(f"the run is over (exit code {self.exit_code}); leaving without the rank(s) named above")
+            sys.stderr.flush()
+            os._exit(self.exit_code)
         if live and self.rank == min(live):
             hosts = sorted({beats[r]["host"] for r, _ in culprits if beats.get(r)})
             record_exit(self.out_dir, EXIT_HUNG, self.step, reason, hung_hosts=hosts)

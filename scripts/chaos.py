@@ -106,26 +106,38 @@ def kill_moment(rng: random.Random, timing: tuple[float, float], run: Path) -> f
     return rng.uniform(0.0, startup + training * (STEPS - done_steps(run)) / STEPS)
 
 
-def stop_one_rank(cfg: Path, run: Path, overrides: list[str], nproc: int) -> tuple[int, int]:
-    """An attempt ended by SIGSTOP to rank 1 once it logged a step: (1 if it ended hung and named that rank,
-    orphans). The launcher kills the stopped rank itself."""
-    steps = lambda: sum(1 for _ in (run / "metrics.jsonl").open()) if (run / "metrics.jsonl").is_file() else 0  # noqa: E731
-    before = steps()
+def last_step(run: Path) -> int:
+    """The last step the run's metrics.jsonl logged (0 when none)."""
+    rows = (run / "metrics.jsonl").read_text().splitlines() if (run / "metrics.jsonl").is_file() else []
+    return max((json.loads(r).get("step", 0) for r in rows if r.strip()), default=0)
+
+
+def stop_one_rank(cfg: Path, run: Path, overrides: list[str], nproc: int) -> tuple[int, int, int]:
+    """An attempt ended by SIGSTOP to rank 1 once it logged a step with steps still to train: (1 if stopped,
+    1 if it then ended hung (exit 5) naming that rank, orphans). The launcher kills the stopped rank itself. An
+    attempt already at its last steps is left to finish (a rank stopped after the training is a late exit,
+    not a hang)."""
+    before = last_step(run) if (run / "metrics.jsonl").is_file() else 0
     proc = start(cfg, run, overrides, nproc)
-    while proc.poll() is None and steps() <= before:
+    while proc.poll() is None and last_step(run) <= before:
         time.sleep(0.1)
     ranks = [p for p in psutil.Process(proc.pid).children() if p.environ().get("RANK") == "1"]
-    if proc.poll() is not None or not ranks:
-        return 0, 0
+    if proc.poll() is not None or not ranks or last_step(run) > STEPS - 3:
+        proc.wait(timeout=1800)
+        return 0, 0, 0
     ranks[0].send_signal(signal.SIGSTOP)
-    code = proc.wait(timeout=HANG_MINUTES * 60 * 3 + 120)
+    try:
+        code = proc.wait(timeout=HANG_MINUTES * 60 * 3 + 120)
+    except subprocess.TimeoutExpired:  # not detected: end it so the trial goes on, and count it as missed
+        kill(proc, launcher_only=False)
+        code = None
     log = (run.parent / f"{run.name}.log").read_text()
     named = f"pid {ranks[0].pid}) not running" in log
     time.sleep(3)
     orphans = run_processes(run)
     for p in orphans:
         p.kill()
-    return int(code == EXIT_HUNG and named), len(orphans)
+    return 1, int(code == EXIT_HUNG and named), len(orphans)
 
 
 def trial(
@@ -153,8 +165,8 @@ def trial(
             p.kill()
         out["corrupt"] += corrupt_checkpoints(run)
     if "stop" in faults and nproc:
-        detected, orphans = stop_one_rank(cfg, run, overrides, nproc)
-        out["stops"] += 1
+        stopped, detected, orphans = stop_one_rank(cfg, run, overrides, nproc)
+        out["stops"] += stopped
         out["stops_detected"] += detected
         out["orphans"] += orphans
     complete = [p for p in (run / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
