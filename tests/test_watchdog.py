@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 from helpers import base_config, write_config
 from resume_utils import final_weights, finish, logged_step, losses, max_weight_diff, start, wait_for
 
@@ -68,3 +71,26 @@ def test_a_stopped_rank_is_named_every_process_ends_with_5_and_the_rerun_is_exac
     assert code == 0 and "resumed from" in log, log[-3000:]
     assert losses(run) == losses(straight)
     assert max_weight_diff(final_weights(run), final_weights(straight)) == 0
+
+
+WAIT = """
+import sys, time
+from pathlib import Path
+from launcher.watchdog import Watchdog
+dog = Watchdog(Path(sys.argv[1]), 0, 1, 0.02, 3)  # a 1.2 s limit
+if sys.argv[2] == "over":
+    dog.exiting(7)  # trained and recorded; then something keeps the process from leaving
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize(("state", "code"), [("training", EXIT_HUNG), ("over", 7)])
+def test_no_progress_in_training_is_hung_but_after_the_run_leaves_with_its_code(
+    tmp_path: Path, state: str, code: int
+) -> None:
+    """A process stuck in training exits 5 (hung) and records it; one stuck after its run is over (the process
+    group's shutdown waiting for a rank) leaves with the run's own code and records nothing new."""
+    res = subprocess.run([sys.executable, "-c", WAIT, str(tmp_path), state], capture_output=True, text=True, timeout=60)
+    assert res.returncode == code, res.stderr[-2000:]
+    assert "no step completed" in res.stderr
+    assert (tmp_path / "last_exit.json").exists() == (state == "training")
