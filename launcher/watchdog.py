@@ -49,7 +49,6 @@ class Watchdog:
         self.durations: deque[float] = deque(maxlen=100)
         self.current_phase: str | None = None
         self.exit_code: int | None = None  # set once the run is over: a hang then only delays the exit
-        self.done = threading.Event()
         self._write_heartbeat()  # at once: a rank stopped before its first beat is still named by pid
         self.thread = threading.Thread(target=self._watch, name="ftl-watchdog", daemon=True)
         self.thread.start()
@@ -75,17 +74,14 @@ class Watchdog:
         base = max(self.timeout, steps)
         return base * PHASE_MULTIPLE if self.current_phase else base
 
-    def stop(self) -> None:
-        """No more watching (the heartbeat file stays, harmless, until the next run)."""
-        self.done.set()
-
     def exiting(self, code: int) -> None:
         """The run is over with `code` (its exit recorded): keep watching the way out (the process group's
         shutdown waits for every rank), and should a rank not get there, leave with `code`, not as hung."""
         self.current_phase, self.exit_code, self.last = "the exit", code, time.monotonic()
 
     def _watch(self) -> None:
-        while not self.done.wait(BEAT_SECONDS):
+        while True:  # a daemon thread: it watches until the process exits (see `exiting`)
+            time.sleep(BEAT_SECONDS)
             self._write_heartbeat()
             waited = time.monotonic() - self.last
             if waited > self.limit():
