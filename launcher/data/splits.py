@@ -11,7 +11,8 @@ from launcher.config import Config
 from launcher.data.columns import RowShape, rendered_as
 from launcher.data.formats import require_chat_template, require_tool_calls
 from launcher.data.preference import pack_pairs, tokenize_pairs, uses_messages
-from launcher.data.rows import Source, load_split, origin
+from launcher.data.readers import Source, origin
+from launcher.data.rows import load_split
 from launcher.data.tokenized import (
     Samples,
     cache_key,
